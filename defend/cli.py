@@ -1,0 +1,163 @@
+"""The `defend` command: ls | cp | validate | run.
+
+    defend ls                                   recipes and shipped configs
+    defend cp finetune ./my_finetune.py         copy a recipe (or config) out to adapt it
+    defend validate finetune_tiny_mllm train.lr=1e-4
+    defend run finetune --config finetune_tiny_mllm train.max_steps=20
+    defend run ./my_finetune.py --config my.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+from defend.config import ConfigError, dump_config, load_config, recipes_config_dir, resolve_config_path
+from defend.data.samples import DataError
+
+RECIPES_DIR = recipes_config_dir().parent
+USER_ERRORS = (ConfigError, DataError)
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def config_names() -> list[str]:
+    return sorted(p.stem for p in recipes_config_dir().glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise ConfigError(f"recipe file '{path}' does not exist.")
+        return path
+    if name_or_path in recipe_names():
+        return RECIPES_DIR / f"{name_or_path}.py"
+    close = difflib.get_close_matches(name_or_path, recipe_names(), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else f" Recipes: {', '.join(recipe_names())}."
+    raise ConfigError(f"no recipe named '{name_or_path}'.{hint}")
+
+
+def load_recipe_main(path: Path) -> Callable:
+    spec = importlib.util.spec_from_file_location(f"defend_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "recipe_main"):
+        raise ConfigError(f"recipe '{path}' defines no recipe_main(cfg).")
+    return module.recipe_main
+
+
+def run_recipe(recipe: str, config: str | None, overrides: list[str]) -> dict:
+    """Run a recipe (name or file) on a config (name or file) with overrides; return its result."""
+    cfg = load_config(config, overrides)
+    return load_recipe_main(resolve_recipe(recipe))(cfg)
+
+
+def cmd_ls(_: argparse.Namespace) -> None:
+    print("recipes:")
+    for name in recipe_names():
+        doc = (load_doc(RECIPES_DIR / f"{name}.py") or "").splitlines()
+        print(f"  {name:<12} {doc[0] if doc else ''}")
+    print("configs:")
+    for name in config_names():
+        print(f"  {name}")
+
+
+def load_doc(path: Path) -> str | None:
+    import ast
+
+    return ast.get_docstring(ast.parse(path.read_text()))
+
+
+def cmd_cp(args: argparse.Namespace) -> None:
+    if args.name in recipe_names():
+        source = RECIPES_DIR / f"{args.name}.py"
+    else:
+        source = resolve_config_path(args.name)
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / source.name
+    if dest.exists():
+        raise ConfigError(f"'{dest}' already exists; pick another destination.")
+    shutil.copyfile(source, dest)
+    print(f"copied {source.name} -> {dest}")
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    from defend.engine.ds_config import load_ds_config
+
+    load_ds_config(cfg.deepspeed)
+    print(dump_config(cfg), end="")
+    print(f"# {args.config}: valid")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    run_recipe(args.recipe, args.config, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="defend", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("ls", help="list recipes and configs").set_defaults(func=cmd_ls)
+    cp = sub.add_parser("cp", help="copy a recipe or config to adapt it")
+    cp.add_argument("name")
+    cp.add_argument("dest")
+    cp.set_defaults(func=cmd_cp)
+    validate = sub.add_parser("validate", help="check a config without running it")
+    validate.add_argument("config")
+    validate.add_argument("overrides", nargs="*", metavar="key=value")
+    validate.set_defaults(func=cmd_validate)
+    run = sub.add_parser("run", help="run a recipe")
+    run.add_argument("recipe", help="a recipe name (defend ls) or a recipe .py file")
+    run.add_argument("--config", required=True, help="a config name (defend ls) or a .yaml file")
+    run.add_argument("overrides", nargs="*", metavar="key=value")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Parse, letting ``key=value`` overrides stand before or after ``--config``."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if "=" not in item or item.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parse_with_overrides(parser, argv)
+    if extra:
+        args.overrides = list(getattr(args, "overrides", [])) + extra
+    try:
+        args.func(args)
+    except USER_ERRORS as err:
+        print(f"defend: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def recipe_entry(recipe_main: Callable) -> None:
+    """``python recipes/<name>.py --config X key=value ...``: run a recipe file directly."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args, extra = parse_with_overrides(parser, None)
+    args.overrides = list(args.overrides) + extra
+    try:
+        recipe_main(load_config(args.config, args.overrides))
+    except USER_ERRORS as err:
+        print(f"defend: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Run configuration: a typed schema, YAML files, dotted ``key=value`` overrides.
+
+Every recipe reads one :class:`Config`. Unknown keys and wrong types fail before any work,
+naming the key and the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["mllm", "mdlm"] = "mllm"
+    path: str = ""  # a local folder in Hugging Face layout (save_pretrained)
+    adapter: str | None = None  # a peft LoRA folder loaded on top of `path`
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class TinyConfig:
+    """Shape of a random-init model written by ``defend.models.tiny`` (tests and the demo)."""
+
+    arch: Literal["llava", "blip2", "qwen2_vl", "paligemma"] = "llava"
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    text_hidden: int = 128
+    text_layers: int = 2
+    heads: int = 4
+    vocab_size: int = 512
+
+
+@dataclass
+class DatasetConfig:
+    name: Literal["easy_vqa", "easy_vqa_captions", "jsonl", "hf"] = "easy_vqa"
+    path: str | None = None  # jsonl file, or a datasets folder / parquet file for `hf`
+    image_root: str | None = None  # where relative image paths of a jsonl file live
+    split: str = "train"
+    max_samples: int | None = None
+    image_column: str = "image"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    id_column: str = "id"
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    # "language_model": every linear layer of the text model, none of the vision side
+    target_modules: str | list[str] = "language_model"
+
+
+@dataclass
+class QuantConfig:
+    load_in_4bit: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    grad_clip: float = 1.0
+    log_every: int = 10
+
+
+@dataclass
+class DiffusionConfig:
+    """Masked-diffusion (LLaDA-style) training and sampling; used when model.family=mdlm."""
+
+    mask_token_id: int | None = None  # default: the tokenizer's mask token
+    eps: float = 1e-3
+    inverse_t_weight: bool = True  # LLaDA's 1/p weight; Dream-style models use False
+    complementary_mask: bool = False  # LaViDa/Dimple: the batch holds mask m and not-m
+    shifted_logits: bool = False  # Dream-style: position i-1 predicts token i
+    gen_length: int = 8
+    steps: int = 8
+    block_length: int = 8
+    temperature: float = 0.0
+    remasking: Literal["low_confidence", "random"] = "low_confidence"
+
+
+@dataclass
+class EvalConfig:
+    task: Literal["vqa", "caption"] = "vqa"
+    max_samples: int | None = None
+    batch_size: int = 32
+    max_new_tokens: int = 8
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: str = "zero0"  # a name in ds_configs/ or a path to a DeepSpeed JSON
+    # free-form settings of a recipe that composes others (e.g. the demo's stages)
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key the schema accepts."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        ftype = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(ftype):
+            keys.extend(all_keys(ftype, key + "."))
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else " Run `defend validate` to see the schema."
+    return ConfigError(f"{where}: unknown config key '{key}'.{hint}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(
+            f"{where}: '{key}' must be {' or '.join(_type_name(a) for a in typing.get_args(tp))},"
+            f" got {type(value).__name__} {value!r}."
+        )
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        choices = ", ".join(repr(c) for c in typing.get_args(tp))
+        raise ConfigError(f"{where}: '{key}' must be one of {choices}, got {value!r}.")
+    elif origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, list):
+            return [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp in (str, bool):
+        if isinstance(value, tp):
+            return value
+    raise ConfigError(
+        f"{where}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}."
+    )
+
+
+def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.')}' must be a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown_key(key, where)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, key + ".", where)
+        else:
+            kwargs[name] = _coerce(value, tp, key, where)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value, e.g. train.lr=1e-4.")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    field_type = _field_type(key.strip())
+    if field_type is not None and _accepts_str(field_type) and not isinstance(value, (list, dict)):
+        if value is not None or raw.strip().lower() not in ("null", "none", "~"):
+            value = raw  # keep strings as typed: model.path=007 stays "007"
+    return key.strip(), value
+
+
+def _field_type(key: str) -> Any:
+    cls: Any = Config
+    tp = None
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        tp = cls = hints[part]
+    return tp
+
+
+def _accepts_str(tp: Any) -> bool:
+    if tp is str:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def recipes_config_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "recipes" / "configs"
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A shipped config name (``finetune_tiny``) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist.")
+        return path
+    shipped = recipes_config_dir() / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in recipes_config_dir().glob("*.yaml"))
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else f" Shipped configs: {', '.join(names)}."
+    raise ConfigError(f"no config named '{name_or_path}'.{hint}")
+
+
+def load_config(name_or_path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults when None) and apply ``key=value`` overrides."""
+    data: dict = {}
+    where = "defaults"
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    cfg = _build(Config, data, "", where)  # file errors first, with the file's name
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(data, key, value)
+        cfg = _build(Config, data, "", f"override '{item}'")
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

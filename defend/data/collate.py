@@ -1,0 +1,107 @@
+"""Turn samples into model inputs with the model's own processor.
+
+The processor expands image placeholders into image tokens; the response is appended after the
+rendered prompt. Truncation only ever shortens the response: a prompt whose image and text tokens
+cannot fit ``max_length`` is an error naming the sample.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from defend.data.samples import DataError, Sample
+
+IGNORE_INDEX = -100
+# per-token processor outputs: padded, and extended over the response with these values
+TOKEN_KEYS = {"input_ids": None, "attention_mask": 1, "token_type_ids": 1, "mm_token_type_ids": 0}
+
+
+def render_prompt(processor: Any, prompt: str) -> str:
+    """The text the processor expects for one image and one user prompt."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    image_token = getattr(processor, "image_token", None)
+    if getattr(processor, "num_query_tokens", None) is not None or image_token is None:
+        return prompt  # the processor places the image tokens itself (BLIP-2)
+    return f"{image_token}{prompt}"
+
+
+class Collator:
+    """Callable that batches samples for training (``with_response``) or generation.
+
+    Args:
+        processor: the model's processor (tokenizer + image processor).
+        max_length: token budget of one row.
+        with_response: append the response (and eos) and build ``labels``.
+        padding_side: "right" for training, "left" for generation.
+        response_pad_to: pad every response with eos up to this many tokens (masked diffusion
+            trains on the same fixed answer length it samples with).
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int,
+        with_response: bool = True,
+        padding_side: str = "right",
+        response_pad_to: int | None = None,
+    ):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.max_length = max_length
+        self.with_response = with_response
+        self.padding_side = padding_side
+        self.response_pad_to = response_pad_to
+
+    def _encode(self, sample: Sample) -> dict[str, torch.Tensor]:
+        image = sample.load_image()
+        if image is None:
+            raise DataError(f"{sample.source}: sample '{sample.id}' has no image.")
+        text = render_prompt(self.processor, sample.prompt)
+        encoded = self.processor(images=[image], text=[text], return_tensors="pt")
+        row = {k: v[0] for k, v in encoded.items() if k in TOKEN_KEYS}
+        extras = {k: v for k, v in encoded.items() if k not in TOKEN_KEYS}
+        prompt_len = row["input_ids"].shape[0]
+        if prompt_len > self.max_length:
+            raise DataError(
+                f"{sample.source}: sample '{sample.id}': its prompt needs {prompt_len} tokens"
+                f" (image tokens included) but train.max_length is {self.max_length}; image tokens"
+                " are never truncated: raise train.max_length or shorten the prompt."
+            )
+        if self.with_response:
+            response = self.tokenizer(sample.response, add_special_tokens=False)["input_ids"]
+            response = response[: self.max_length - prompt_len - 1] + [self.tokenizer.eos_token_id]
+            if self.response_pad_to and len(response) < self.response_pad_to:
+                response += [self.tokenizer.eos_token_id] * (self.response_pad_to - len(response))
+            response_ids = torch.tensor(response, dtype=torch.long)
+            for key, fill in TOKEN_KEYS.items():
+                if key in row:
+                    tail = response_ids if fill is None else torch.full_like(response_ids, fill)
+                    row[key] = torch.cat([row[key], tail.to(row[key].dtype)])
+            row["labels"] = torch.cat(
+                [torch.full((prompt_len,), IGNORE_INDEX, dtype=torch.long), response_ids]
+            )
+        return {**row, **extras}
+
+    def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        rows = [self._encode(s) for s in samples]
+        longest = max(r["input_ids"].shape[0] for r in rows)
+        pad_values = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX}
+        batch: dict[str, Any] = {}
+        for key in rows[0]:
+            values = [r[key] for r in rows]
+            if key in TOKEN_KEYS or key == "labels":
+                fill = pad_values.get(key, 0)
+                padded = torch.full((len(rows), longest), fill, dtype=values[0].dtype)
+                for i, v in enumerate(values):
+                    if self.padding_side == "left":
+                        padded[i, longest - v.shape[0]:] = v
+                    else:
+                        padded[i, : v.shape[0]] = v
+                batch[key] = padded
+            else:
+                batch[key] = torch.cat(values, dim=0)
+        batch["sample_ids"] = [s.id for s in samples]
+        return batch

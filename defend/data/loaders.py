@@ -1,0 +1,199 @@
+"""Dataset loaders. Each returns a list of :class:`Sample`, validated row by row.
+
+- ``easy_vqa``: the real offline VQA set shipped by PyPI ``easy-vqa`` (64x64 shapes).
+- ``easy_vqa_captions``: one caption per easy-vqa image ("a red circle"), derived from its QA pairs.
+- ``jsonl``: one JSON object per line with ``id``, ``image``, ``prompt``, ``response``.
+- ``hf``: a Hugging Face ``datasets`` folder (``save_to_disk``) or a parquet file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from defend.config import DatasetConfig
+from defend.data.samples import DataError, Sample
+
+EASY_VQA_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+CAPTION_PROMPT = "describe the image."
+
+
+def easy_vqa_question_type(question: str) -> str:
+    """``color``, ``shape`` or ``yes/no``: the breakdown the demo table reports."""
+    if question.startswith("what color"):
+        return "color"
+    if question.startswith("what"):
+        return "shape"
+    return "yes/no"
+
+
+def _easy_vqa_rows(split: str) -> tuple[list[str], list[str], list[int], dict[int, str]]:
+    import easy_vqa
+
+    if split not in ("train", "test"):
+        raise DataError(f"dataset.split: easy_vqa has splits 'train' and 'test', got '{split}'.")
+    if split == "train":
+        texts, answers, ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    else:
+        texts, answers, ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    return texts, answers, ids, paths
+
+
+def load_easy_vqa(split: str) -> list[Sample]:
+    texts, answers, ids, paths = _easy_vqa_rows(split)
+    return [
+        Sample(
+            id=f"{split}-{n}",
+            image=paths[image_id],
+            prompt=question,
+            response=answer,
+            source=f"easy_vqa/{split}",
+            meta={"question_type": easy_vqa_question_type(question), "image_id": image_id},
+        )
+        for n, (question, answer, image_id) in enumerate(zip(texts, answers, ids))
+    ]
+
+
+def easy_vqa_image_attributes(split: str) -> dict[int, dict[str, str]]:
+    """Each image's colour and shape, read off its question/answer pairs.
+
+    Direct answers name an attribute; yes/no answers confirm one or rule one out, and an
+    attribute is known once all but one value are ruled out.
+    """
+    texts, answers, ids, _ = _easy_vqa_rows(split)
+    present: dict[int, dict[str, str]] = {}
+    absent: dict[int, set[str]] = {}
+    for question, answer, image_id in zip(texts, answers, ids):
+        found = present.setdefault(image_id, {})
+        kind = easy_vqa_question_type(question)
+        words = question.rstrip("?").split()
+        named = [w for w in words if w in EASY_VQA_COLORS + EASY_VQA_SHAPES]
+        if kind == "color":
+            found["color"] = answer
+        elif kind == "shape":
+            found["shape"] = answer
+            found.update({"color": w for w in named})
+        elif (answer == "yes") != ("not" in words or "no" in words):
+            found.update({("color" if w in EASY_VQA_COLORS else "shape"): w for w in named})
+        else:
+            absent.setdefault(image_id, set()).update(named)
+    for image_id, found in present.items():
+        for attr, values in (("color", EASY_VQA_COLORS), ("shape", EASY_VQA_SHAPES)):
+            left = [v for v in values if v not in absent.get(image_id, set())]
+            if attr not in found and len(left) == 1:
+                found[attr] = left[0]
+    return present
+
+
+def load_easy_vqa_captions(split: str) -> list[Sample]:
+    _, _, _, paths = _easy_vqa_rows(split)
+    samples = []
+    for image_id, found in sorted(easy_vqa_image_attributes(split).items()):
+        if "color" in found and "shape" in found:
+            samples.append(
+                Sample(
+                    id=f"{split}-img{image_id}",
+                    image=paths[image_id],
+                    prompt=CAPTION_PROMPT,
+                    response=f"a {found['color']} {found['shape']}",
+                    source=f"easy_vqa_captions/{split}",
+                    meta={"image_id": image_id},
+                )
+            )
+    return samples
+
+
+def _row_sample(row: dict, n: int, source: str, cfg: DatasetConfig, image_root: Path | None) -> Sample:
+    where = f"{source} row {n}"
+    for column in (cfg.prompt_column, cfg.response_column):
+        value = row.get(column)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(
+                f"{where}: column '{column}' is missing or empty; every row needs a non-empty"
+                f" '{cfg.prompt_column}' and '{cfg.response_column}'."
+            )
+    image = row.get(cfg.image_column)
+    if isinstance(image, str):
+        image_path = Path(image)
+        if not image_path.is_absolute() and image_root is not None:
+            image_path = image_root / image_path
+        if not image_path.is_file():
+            raise DataError(
+                f"{where}: image file '{image_path}' does not exist; fix the path"
+                " (relative paths resolve against dataset.image_root) or drop the row."
+            )
+        image = image_path
+    elif isinstance(image, dict) and ("bytes" in image or "path" in image):  # datasets Image()
+        import io
+
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Path(image["path"])
+    sample_id = str(row.get(cfg.id_column, n))
+    return Sample(
+        id=sample_id,
+        image=image,
+        prompt=row[cfg.prompt_column],
+        response=row[cfg.response_column],
+        source=where,
+        meta={k: v for k, v in row.items() if isinstance(v, (str, int, float, bool)) and k not in (
+            cfg.image_column, cfg.prompt_column, cfg.response_column, cfg.id_column)},
+    )
+
+
+def load_jsonl(cfg: DatasetConfig) -> list[Sample]:
+    path = Path(cfg.path or "")
+    if not path.is_file():
+        raise DataError(f"dataset.path: jsonl file '{path}' does not exist.")
+    image_root = Path(cfg.image_root) if cfg.image_root else path.parent
+    samples = []
+    with path.open() as handle:
+        for n, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {n}: not valid JSON ({err}).") from err
+            samples.append(_row_sample(row, n, str(path), cfg, image_root))
+    return samples
+
+
+def load_hf(cfg: DatasetConfig) -> list[Sample]:
+    import datasets
+
+    path = Path(cfg.path or "")
+    if not path.exists():
+        raise DataError(f"dataset.path: '{path}' does not exist (a datasets folder or a parquet file).")
+    if path.is_file():
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.split not in ds:
+                raise DataError(f"dataset.split: '{path}' has splits {list(ds)}, not '{cfg.split}'.")
+            ds = ds[cfg.split]
+    if cfg.image_column in ds.features and isinstance(ds.features[cfg.image_column], datasets.Image):
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+    image_root = Path(cfg.image_root) if cfg.image_root else (path.parent if path.is_file() else path)
+    return [_row_sample(row, n, str(path), cfg, image_root) for n, row in enumerate(ds)]
+
+
+def load_samples(cfg: DatasetConfig, split: str | None = None) -> list[Sample]:
+    """Load and validate the dataset a config names; ``split`` overrides ``cfg.split``."""
+    split = split or cfg.split
+    if cfg.name == "easy_vqa":
+        samples = load_easy_vqa(split)
+    elif cfg.name == "easy_vqa_captions":
+        samples = load_easy_vqa_captions(split)
+    elif cfg.name == "jsonl":
+        samples = load_jsonl(cfg)
+    else:
+        samples = load_hf(cfg)
+    if cfg.max_samples is not None:
+        samples = samples[: cfg.max_samples]
+    if not samples:
+        raise DataError(f"dataset '{cfg.name}' ({cfg.path or split}) has no rows.")
+    return samples

@@ -1,0 +1,1 @@
+"""DeepSpeed: config resolution, distributed init, the training engine."""

@@ -1,0 +1,39 @@
+"""Process-group setup for one or many ranks (torchrun, deepspeed, Ray, Slurm set the env)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed; a lone process becomes rank 0 of 1."""
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    if torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    # DeepSpeed JIT-compiles a shared-memory allreduce op with gcc on every CPU init (40-95 s);
+    # gloo's allreduce is enough for CPU runs, so mark the op unavailable and skip the build.
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -1,0 +1,1 @@
+"""Task metrics: VQA accuracy, captioning scores."""

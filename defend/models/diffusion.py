@@ -1,0 +1,102 @@
+"""Masked-diffusion MLLMs, LLaDA-V style: a bidirectional text model behind a vision tower.
+
+Vision features are merged into the token embeddings once per batch; the diffusion loss and the
+sampler then work on token ids and call the language model on embeddings (which is also where
+DiSP masks vision tokens).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from defend.config import ConfigError
+from defend.data.collate import IGNORE_INDEX, Collator
+from defend.models.base import VisionLanguageModel
+from defend.models.diffusion_loss import masked_diffusion_loss
+from defend.models.diffusion_sampler import diffusion_generate
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding, so a padded row reads like an unpadded one."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class MaskedDiffusionVLM(VisionLanguageModel):
+    family = "mdlm"
+
+    def __init__(self, model: torch.nn.Module, processor: Any, cfg):
+        super().__init__(model, processor, cfg)
+        mask_id = cfg.diffusion.mask_token_id
+        if mask_id is None:
+            mask_id = self.tokenizer.mask_token_id
+        if mask_id is None:
+            raise ConfigError(
+                "diffusion.mask_token_id: the tokenizer has no mask token; set the id"
+                " (LLaDA: 126336, Dream/Dimple: 151666)."
+            )
+        self.mask_token_id = mask_id
+
+    def train_collator(self) -> Collator:
+        return Collator(self.processor, self.cfg.train.max_length, with_response=True,
+                        response_pad_to=self.cfg.diffusion.gen_length)
+
+    def loss(self, batch: dict[str, Any], model: torch.nn.Module | None = None) -> torch.Tensor:
+        model = model or self.model
+        inputs = self.model_inputs(batch)
+        inputs["position_ids"] = position_ids_for(inputs["attention_mask"])
+        d = self.cfg.diffusion
+
+        def logits_fn(noisy: torch.Tensor) -> torch.Tensor:
+            copies = noisy.shape[0] // batch["input_ids"].shape[0]
+            repeated = {k: torch.cat([v] * copies) for k, v in inputs.items() if torch.is_tensor(v)}
+            return model(**{**repeated, "input_ids": noisy}).logits
+
+        return masked_diffusion_loss(
+            logits_fn,
+            batch["input_ids"],
+            batch["labels"] != IGNORE_INDEX,
+            self.mask_token_id,
+            eps=d.eps,
+            inverse_t_weight=d.inverse_t_weight,
+            complementary_mask=d.complementary_mask,
+            shifted_logits=d.shifted_logits,
+        )
+
+    def image_features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Projected vision features of the batch, (n_image_tokens, hidden)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        out = base.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
+        return torch.cat(list(out.pooler_output), dim=0)
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the image placeholders replaced by ``image_features``."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        image_positions = (input_ids == self.model.config.image_token_id).unsqueeze(-1)
+        return embeds.masked_scatter(image_positions, image_features.to(embeds.dtype))
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> list[str]:
+        d = self.cfg.diffusion
+        features = self.image_features(batch)
+
+        def logits_fn(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.model(
+                inputs_embeds=self.embed(tokens, features),
+                attention_mask=attention_mask,
+                position_ids=position_ids_for(attention_mask),
+            ).logits
+
+        tokens = diffusion_generate(
+            logits_fn,
+            batch["input_ids"],
+            batch["attention_mask"],
+            self.mask_token_id,
+            gen_length=d.gen_length,
+            steps=d.steps,
+            block_length=d.block_length,
+            temperature=d.temperature,
+            remasking=d.remasking,
+            generator=generator,
+        )
+        return self.decode(tokens)

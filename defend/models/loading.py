@@ -1,0 +1,69 @@
+"""Load a model folder (real checkpoint or tiny) with its processor, optionally in 4 bits."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from defend.config import Config, ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# vision-side modules that stay in full precision under QLoRA (names across transformers' VLMs)
+VISION_MODULE_NAMES = ["vision_tower", "visual", "vision_model", "multi_modal_projector", "qformer",
+                       "language_projection", "lm_head"]
+
+
+def resolve_model_path(cfg: Config) -> Path:
+    from defend.models.tiny import TINY_PATH, tiny_model_path
+
+    if cfg.model.path == TINY_PATH:
+        return tiny_model_path(cfg.tiny, cfg.model.family)
+    path = Path(cfg.model.path)
+    if not cfg.model.path or not path.is_dir():
+        raise ConfigError(
+            f"model.path: '{cfg.model.path}' is not a folder. Point it at a local checkpoint"
+            " saved with save_pretrained (config.json + weights), or use model.path=tiny."
+        )
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path: '{path}' has no config.json; is it a Hugging Face model folder?")
+    return path
+
+
+def quantization_config(cfg: Config) -> Any:
+    if not cfg.quant.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    compute = DTYPES[cfg.model.dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant.quant_type,
+        bnb_4bit_use_double_quant=cfg.quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,  # = compute dtype, so ZeRO-3 can shard it (peft docs)
+        llm_int8_skip_modules=VISION_MODULE_NAMES,
+    )
+
+
+def load_pretrained(cfg: Config) -> tuple[torch.nn.Module, Any]:
+    """The Hugging Face model and processor that ``cfg.model`` names (adapter applied if set)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = resolve_model_path(cfg)
+    remote = cfg.model.trust_remote_code
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=remote)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path,
+        dtype=DTYPES[cfg.model.dtype],
+        quantization_config=quantization_config(cfg),
+        trust_remote_code=remote,
+    )
+    if cfg.model.adapter:
+        from peft import PeftModel
+
+        adapter = Path(cfg.model.adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise ConfigError(f"model.adapter: '{adapter}' has no adapter_config.json (a peft LoRA folder).")
+        model = PeftModel.from_pretrained(model, adapter)
+    return model, processor

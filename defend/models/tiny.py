@@ -1,0 +1,122 @@
+"""Random-init tiny models of both families, written as ordinary Hugging Face folders.
+
+Tests and the demo use them; real users point ``model.path`` at a real checkpoint instead.
+``model.path: tiny`` builds (or reuses from the cache) the model that ``tiny.*`` describes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from defend.atomic import atomic_dir
+from defend.config import TinyConfig
+from defend.models.tokenizer import IMAGE_TOKEN, build_bpe_tokenizer
+
+TINY_PATH = "tiny"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DEFEND_CACHE", Path.home() / ".cache" / "defend"))
+
+
+def tiny_corpus() -> list[str]:
+    """Text the tiny tokenizer learns merges from: easy-vqa questions, answers, captions."""
+    import easy_vqa
+
+    from defend.data.loaders import CAPTION_PROMPT, EASY_VQA_COLORS, EASY_VQA_SHAPES
+
+    questions, answers, _ = easy_vqa.get_train_questions()
+    captions = [f"a {c} {s}" for c in EASY_VQA_COLORS for s in EASY_VQA_SHAPES]
+    return sorted(set(questions)) + sorted(set(answers)) + captions + [CAPTION_PROMPT]
+
+
+def _llava(tiny: TinyConfig, family: str, vocab_size: int, special: dict[str, int]) -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(
+        hidden_size=tiny.vision_hidden,
+        intermediate_size=4 * tiny.vision_hidden,
+        num_hidden_layers=tiny.vision_layers,
+        num_attention_heads=tiny.heads,
+        image_size=tiny.image_size,
+        patch_size=tiny.patch_size,
+    )
+    text = LlamaConfig(
+        hidden_size=tiny.text_hidden,
+        intermediate_size=4 * tiny.text_hidden,
+        num_hidden_layers=tiny.text_layers,
+        num_attention_heads=tiny.heads,
+        num_key_value_heads=tiny.heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=1024,
+        # Masked diffusion needs full attention; it must be set at construction to reach the
+        # attention modules (see REFERENCE.md section 5).
+        is_causal=(family == "mllm"),
+        **special,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=special["image_token_id"],
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+    return LlavaForConditionalGeneration(config)
+
+
+def build_tiny_model(tiny: TinyConfig, family: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a random-init model, tokenizer and processor of ``family`` to ``out_dir``."""
+    if tiny.arch != "llava":
+        from defend.models.tiny_archs import build_tiny_arch
+
+        return build_tiny_arch(tiny, family, out_dir, seed)
+    torch.manual_seed(seed)
+    tokenizer = build_bpe_tokenizer(tiny_corpus(), tiny.vocab_size)
+    special = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    }
+    model = _llava(tiny, family, len(tokenizer), special)
+    model.config.text_config.image_token_id = None
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": tiny.image_size},
+        crop_size={"height": tiny.image_size, "width": tiny.image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=tiny.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=tokenizer.chat_template,
+    )
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "defend_tiny.json").write_text(json.dumps({"family": family, **vars(tiny)}))
+    return Path(out_dir)
+
+
+def tiny_model_path(tiny: TinyConfig, family: str, seed: int = 0) -> Path:
+    """The cached folder of this tiny model, built on first use (keyed by its settings)."""
+    key = json.dumps({"family": family, "seed": seed, **vars(tiny)}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    path = cache_root() / "tiny" / f"{tiny.arch}-{family}-{digest}"
+    if not (path / "defend_tiny.json").is_file():
+        build_tiny_model(tiny, family, path, seed)
+    return path

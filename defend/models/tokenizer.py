@@ -1,0 +1,47 @@
+"""Build a real byte-level BPE tokenizer offline (tiny models; no hub).
+
+Byte-level so that any text, including words the corpus never had (attack targets), encodes.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+IMAGE_TOKEN = "<image>"
+MASK_TOKEN = "<|mdm_mask|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, IMAGE_TOKEN, MASK_TOKEN]
+
+# One user turn: image placeholder(s), the prompt, then the answer cue.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
+    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} answer:{% endif %}"
+)
+
+
+def build_bpe_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``corpus`` and wrap it as a transformers tokenizer."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        mask_token=MASK_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        chat_template=TINY_CHAT_TEMPLATE,
+        padding_side="right",
+    )
