@@ -113,6 +113,17 @@ class EvalConfig:
 
 
 @dataclass
+class DemoConfig:
+    """The demo recipe's stages: shipped config names, ``{family}`` filled in per family."""
+
+    families: list[Literal["mllm", "mdlm"]] = field(default_factory=lambda: ["mllm", "mdlm"])
+    pretrain_config: str = "demo_pretrain_{family}"
+    finetune_config: str = "demo_finetune_{family}"
+    evaluate_config: str = "demo_evaluate_{family}"
+    reuse_pretrained: bool = True  # reuse a cached base pre-trained with the same settings
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/default"
     seed: int = 0
@@ -125,8 +136,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: str = "zero0"  # a name in ds_configs/ or a path to a DeepSpeed JSON
-    # free-form settings of a recipe that composes others (e.g. the demo's stages)
-    recipe: dict[str, Any] = field(default_factory=dict)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -183,6 +193,11 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

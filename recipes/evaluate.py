@@ -25,14 +25,16 @@ from defend.run_dir import start_run
 
 
 def recipe_main(cfg: Config) -> dict:
-    log = start_run(cfg, "evaluate")
     out = Path(cfg.output_dir)
     samples = load_samples(cfg.dataset)
     if cfg.eval.max_samples is not None:
         samples = samples[: cfg.eval.max_samples]
     vlm = load_model(cfg)
     vlm.model.eval()
-    loader = DataLoader(samples, batch_size=cfg.eval.batch_size, collate_fn=vlm.generate_collator())
+    collate = vlm.generate_collator()
+    collate(samples[: cfg.eval.batch_size])  # bad rows or lengths fail before any output
+    log = start_run(cfg, "evaluate")
+    loader = DataLoader(samples, batch_size=cfg.eval.batch_size, collate_fn=collate)
     predictions: list[str] = []
     started = time.perf_counter()
     for batch in tqdm(loader, desc="evaluate"):

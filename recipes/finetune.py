@@ -30,13 +30,15 @@ from defend.run_dir import start_run
 class FinetuneRecipe:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.log = start_run(cfg, "finetune")
         self.out = Path(cfg.output_dir)
 
     def setup(self) -> None:
         cfg = self.cfg
         self.samples = load_samples(cfg.dataset)
         self.vlm = load_model(cfg)
+        collate = self.vlm.train_collator()
+        collate(self.samples[: cfg.train.micro_batch_size])  # bad rows or lengths fail before any output
+        self.log = start_run(cfg, "finetune")
         if cfg.lora.enabled:
             self.vlm.model = apply_lora(self.vlm.model, cfg.lora, quantized=cfg.quant.load_in_4bit)
         trainable = sum(p.numel() for p in self.vlm.model.parameters() if p.requires_grad)
@@ -44,7 +46,7 @@ class FinetuneRecipe:
         self.log.info("%d samples; trainable params %d of %d", len(self.samples), trainable, total)
         generator = torch.Generator().manual_seed(cfg.seed)
         self.loader = DataLoader(self.samples, batch_size=cfg.train.micro_batch_size, shuffle=True,
-                                 collate_fn=self.vlm.train_collator(), generator=generator, drop_last=True)
+                                 collate_fn=collate, generator=generator, drop_last=True)
         steps_per_epoch = len(self.loader) // cfg.train.grad_accum
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
         self.engine = build_engine(self.vlm.model, cfg, self.total_steps)

@@ -62,7 +62,8 @@ class Collator:
         text = render_prompt(self.processor, sample.prompt)
         encoded = self.processor(images=[image], text=[text], return_tensors="pt")
         row = {k: v[0] for k, v in encoded.items() if k in TOKEN_KEYS}
-        extras = {k: v for k, v in encoded.items() if k not in TOKEN_KEYS}
+        # labels are built here; some processors (PaliGemma) return prompt-only ones of their own
+        extras = {k: v for k, v in encoded.items() if k not in TOKEN_KEYS and k != "labels"}
         prompt_len = row["input_ids"].shape[0]
         if prompt_len > self.max_length:
             raise DataError(

@@ -105,6 +105,17 @@ def load_easy_vqa_captions(split: str) -> list[Sample]:
     return samples
 
 
+def check_image_header(path: Path, where: str) -> None:
+    """Fail at load time on files that are not images (reads the header only, so it is cheap)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{where}: '{path}' is not a readable image ({err}); replace the file or drop the row.") from err
+
+
 def _row_sample(row: dict, n: int, source: str, cfg: DatasetConfig, image_root: Path | None) -> Sample:
     where = f"{source} row {n}"
     for column in (cfg.prompt_column, cfg.response_column):
@@ -124,6 +135,7 @@ def _row_sample(row: dict, n: int, source: str, cfg: DatasetConfig, image_root: 
                 f"{where}: image file '{image_path}' does not exist; fix the path"
                 " (relative paths resolve against dataset.image_root) or drop the row."
             )
+        check_image_header(image_path, where)
         image = image_path
     elif isinstance(image, dict) and ("bytes" in image or "path" in image):  # datasets Image()
         import io

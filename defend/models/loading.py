@@ -42,7 +42,8 @@ def quantization_config(cfg: Config) -> Any:
         bnb_4bit_use_double_quant=cfg.quant.double_quant,
         bnb_4bit_compute_dtype=compute,
         bnb_4bit_quant_storage=compute,  # = compute dtype, so ZeRO-3 can shard it (peft docs)
-        llm_int8_skip_modules=VISION_MODULE_NAMES,
+        # regexes: transformers matches skip patterns from the start of the full module name
+        llm_int8_skip_modules=[rf".*\b{name}" for name in VISION_MODULE_NAMES],
     )
 
 

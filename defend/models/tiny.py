@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -18,6 +19,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
 )
 
 from defend.atomic import atomic_dir
@@ -75,6 +78,32 @@ def _llava(tiny: TinyConfig, family: str, vocab_size: int, special: dict[str, in
     return LlavaForConditionalGeneration(config)
 
 
+def tiny_tokenizer(tiny: TinyConfig, **kwargs: Any) -> PreTrainedTokenizerFast:
+    """The offline BPE tokenizer of every tiny arch (``kwargs`` go to ``build_bpe_tokenizer``)."""
+    return build_bpe_tokenizer(tiny_corpus(), tiny.vocab_size, **kwargs)
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """pad/bos/eos ids, as text configs take them."""
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def save_tiny(model: PreTrainedModel, processor: Any, tiny: TinyConfig, family: str, out_dir: str | Path) -> Path:
+    """Write ``model`` + ``processor`` (and the tiny marker) to ``out_dir`` in one atomic step."""
+    tokenizer = processor.tokenizer
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "defend_tiny.json").write_text(json.dumps({"family": family, **vars(tiny)}))
+    return Path(out_dir)
+
+
 def build_tiny_model(tiny: TinyConfig, family: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a random-init model, tokenizer and processor of ``family`` to ``out_dir``."""
     if tiny.arch != "llava":
@@ -82,17 +111,10 @@ def build_tiny_model(tiny: TinyConfig, family: str, out_dir: str | Path, seed: i
 
         return build_tiny_arch(tiny, family, out_dir, seed)
     torch.manual_seed(seed)
-    tokenizer = build_bpe_tokenizer(tiny_corpus(), tiny.vocab_size)
-    special = {
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-    }
+    tokenizer = tiny_tokenizer(tiny)
+    special = {**special_token_ids(tokenizer), "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}
     model = _llava(tiny, family, len(tokenizer), special)
     model.config.text_config.image_token_id = None
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": tiny.image_size},
         crop_size={"height": tiny.image_size, "width": tiny.image_size},
@@ -105,11 +127,7 @@ def build_tiny_model(tiny: TinyConfig, family: str, out_dir: str | Path, seed: i
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
         chat_template=tokenizer.chat_template,
     )
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        (tmp / "defend_tiny.json").write_text(json.dumps({"family": family, **vars(tiny)}))
-    return Path(out_dir)
+    return save_tiny(model, processor, tiny, family, out_dir)
 
 
 def tiny_model_path(tiny: TinyConfig, family: str, seed: int = 0) -> Path:

@@ -23,14 +23,26 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def build_bpe_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on ``corpus`` and wrap it as a transformers tokenizer."""
+def build_bpe_tokenizer(
+    corpus: Iterable[str],
+    vocab_size: int,
+    extra_special_tokens: dict[str, str] | None = None,
+    chat_template: str | None = TINY_CHAT_TEMPLATE,
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``corpus`` and wrap it as a transformers tokenizer.
+
+    ``extra_special_tokens`` maps attribute names to the atomic tokens a processor looks up
+    (``image_token``, ``vision_start_token``, ...); default ``{"image_token": "<image>"}``.
+    ``SPECIAL_TOKENS`` are atomic tokens either way.
+    """
+    named = {"image_token": IMAGE_TOKEN} if extra_special_tokens is None else extra_special_tokens
+    specials = SPECIAL_TOKENS + [t for t in named.values() if t not in SPECIAL_TOKENS]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -41,7 +53,7 @@ def build_bpe_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTok
         bos_token=BOS,
         eos_token=EOS,
         mask_token=MASK_TOKEN,
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        chat_template=TINY_CHAT_TEMPLATE,
+        extra_special_tokens=named,
+        chat_template=chat_template,
         padding_side="right",
     )

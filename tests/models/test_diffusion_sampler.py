@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from defend.data import load_samples
+from defend.models import load_model
+from defend.models.diffusion_sampler import diffusion_generate, tokens_per_step
+
+
+@pytest.fixture(scope="module")
+def mdlm(tmp_path_factory):
+    from defend.config import load_config
+    from tests.conftest import TINY_TEST_OVERRIDES
+
+    cfg = load_config(None, [*TINY_TEST_OVERRIDES, "model.family=mdlm", "dataset.max_samples=6",
+                             "diffusion.gen_length=6", "diffusion.steps=6", "diffusion.block_length=3"])
+    torch.manual_seed(0)
+    vlm = load_model(cfg)
+    vlm.model.eval()
+    return vlm, load_samples(cfg.dataset)
+
+
+def count_calls(module):
+    calls = []
+    handle = module.register_forward_hook(lambda *args: calls.append(1))
+    return calls, handle
+
+
+def test_a_batch_costs_exactly_steps_language_model_passes(mdlm):
+    vlm, samples = mdlm
+    lm_calls, h1 = count_calls(vlm.model.model.language_model)
+    vision_calls, h2 = count_calls(vlm.model.model.vision_tower)
+    try:
+        texts = vlm.generate(vlm.generate_collator()(samples))
+    finally:
+        h1.remove()
+        h2.remove()
+    assert len(texts) == len(samples)
+    assert len(lm_calls) == vlm.cfg.diffusion.steps == 6
+    assert len(vision_calls) == 1  # image features are computed once per batch
+
+
+def raw_tokens(vlm, batch):
+    features = vlm.image_features(batch)
+    from defend.models.diffusion import position_ids_for
+
+    def logits_fn(tokens, mask):
+        return vlm.model(inputs_embeds=vlm.embed(tokens, features), attention_mask=mask,
+                         position_ids=position_ids_for(mask)).logits
+
+    d = vlm.cfg.diffusion
+    return diffusion_generate(logits_fn, batch["input_ids"], batch["attention_mask"], vlm.mask_token_id,
+                              d.gen_length, d.steps, d.block_length)
+
+
+def test_left_padding_gives_the_same_tokens_as_no_padding(mdlm):
+    vlm, samples = mdlm
+    collate = vlm.generate_collator()
+    by_length = sorted(samples, key=lambda s: len(s.prompt))
+    short, long = by_length[0], by_length[-1]
+    together = collate([short, long])
+    assert (together["attention_mask"][0] == 0).any(), "the short prompt must be left-padded"
+    alone = raw_tokens(vlm, collate([short]))
+    padded = raw_tokens(vlm, together)
+    assert torch.equal(alone[0], padded[0])
+    assert not (padded == vlm.mask_token_id).any()  # every position was filled
+
+
+def test_every_row_is_filled_block_by_block():
+    """A fake model that always prefers the leftmost mask: blocks must fill in order."""
+    mask_id, vocab, gen, block = 9, 10, 6, 3
+    order = []
+
+    def logits_fn(tokens, mask):
+        gen_part = tokens[:, -gen:]
+        order.append((gen_part == mask_id).sum(1).tolist())
+        logits = torch.zeros(*tokens.shape, vocab)
+        logits[..., 1] = torch.linspace(5, 1, tokens.shape[1])  # earlier positions more confident
+        return logits
+
+    prompt = torch.tensor([[0, 2, 3], [4, 5, 6]])
+    out = diffusion_generate(logits_fn, prompt, torch.ones_like(prompt), mask_id, gen, steps=4, block_length=block)
+    assert torch.equal(out, torch.ones(2, gen, dtype=torch.long))
+    assert order == [[6, 6], [4, 4], [3, 3], [1, 1]]  # 2 + 1 commits in block 1, then 2 + 1 in block 2
+
+
+def test_tokens_per_step_spreads_commits_evenly():
+    assert tokens_per_step(8, 3) == [3, 3, 2]
+    assert sum(tokens_per_step(5, 5)) == 5
+
+
+def test_gumbel_sampling_is_reproducible_with_a_generator():
+    def logits_fn(tokens, mask):
+        return torch.randn(*tokens.shape, 50, generator=torch.Generator().manual_seed(int(tokens.sum())))
+
+    prompt = torch.tensor([[1, 2, 3]] * 4)
+    runs = [diffusion_generate(logits_fn, prompt, torch.ones_like(prompt), 49, 4, 4, 4, temperature=1.0,
+                               generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    greedy = diffusion_generate(logits_fn, prompt, torch.ones_like(prompt), 49, 4, 4, 4)
+    assert not torch.equal(runs[0], greedy)  # temperature really samples
+
+
+def test_block_settings_that_cannot_work_are_rejected():
+    prompt = torch.tensor([[1, 2]])
+    with pytest.raises(ValueError, match="multiple of diffusion.block_length"):
+        diffusion_generate(lambda t, m: None, prompt, torch.ones_like(prompt), 9, 5, 5, 2)

@@ -1,0 +1,56 @@
+import json
+
+from defend import cli
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_evaluate_counts_exact_matches_by_question_type(make_cfg, tmp_path):
+    """Run once to learn the model's greedy answers, then score a set where 2 of 4 references match."""
+    import easy_vqa
+
+    images = easy_vqa.get_test_image_paths()
+    rows = [{"id": f"r{i}", "image": images[i], "prompt": q, "response": "placeholder", "question_type": t}
+            for i, (q, t) in enumerate([("what color is the shape?", "color"), ("what is the shape?", "shape"),
+                                        ("is there a circle?", "yes/no"), ("is there a red shape?", "yes/no")])]
+    data = tmp_path / "set.jsonl"
+    write_jsonl(data, rows)
+    cfg = make_cfg("mllm", "dataset.name=jsonl", f"dataset.path={data}", "eval.batch_size=3", "eval.max_new_tokens=3")
+    common = [f"{k}" for k in ("dataset.name=jsonl", f"dataset.path={data}", "eval.batch_size=3",
+                                "eval.max_new_tokens=3", "model.family=mllm")]
+    from tests.conftest import TINY_TEST_OVERRIDES
+
+    first = tmp_path / "first"
+    assert cli.main(["run", "evaluate", "--config", "evaluate_tiny_mllm", *TINY_TEST_OVERRIDES, *common,
+                     "eval.max_samples=null", f"output_dir={first}"]) == 0
+    predictions = [json.loads(line)["prediction"] for line in open(first / "predictions.jsonl")]
+    assert len(predictions) == 4
+
+    rows[0]["response"] = predictions[0]  # color: right
+    rows[2]["response"] = predictions[2]  # yes/no: right
+    rows[1]["response"] = predictions[1] + " wrong"  # shape: wrong
+    rows[3]["response"] = predictions[3] + " wrong"  # yes/no: wrong
+    write_jsonl(data, rows)
+    second = tmp_path / "second"
+    assert cli.main(["run", "evaluate", "--config", "evaluate_tiny_mllm", *TINY_TEST_OVERRIDES, *common,
+                     "eval.max_samples=null", f"output_dir={second}"]) == 0
+    metrics = json.loads((second / "metrics.json").read_text())
+    assert metrics["vqa_accuracy"] == 0.5 and metrics["n"] == 4 and metrics["n_correct"] == 2
+    by_type = metrics["by_question_type"]
+    assert by_type["color"] == {"vqa_accuracy": 1.0, "n": 1, "n_correct": 1}
+    assert by_type["shape"] == {"vqa_accuracy": 0.0, "n": 1, "n_correct": 0}
+    assert by_type["yes/no"] == {"vqa_accuracy": 0.5, "n": 2, "n_correct": 1}
+    assert (second / "config.yaml").is_file() and (second / "evaluate.log").is_file()
+    assert cfg.model.family == "mllm"
+
+
+def test_evaluate_mdlm_writes_one_prediction_per_sample(make_cfg, tmp_path):
+    from recipes.evaluate import recipe_main
+
+    cfg = make_cfg("mdlm", "dataset.split=test", "eval.max_samples=5", "eval.batch_size=2")
+    metrics = recipe_main(cfg)
+    assert metrics["n"] == 5
+    lines = open(f"{cfg.output_dir}/predictions.jsonl").read().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [f"test-{i}" for i in range(5)]
