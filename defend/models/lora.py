@@ -30,7 +30,9 @@ def language_model_linear_names(model: torch.nn.Module) -> list[str]:
         linear_types += (bnb.nn.Linear4bit,)
     except ImportError:
         pass
-    return [f"{prefix}.{n}" for n, m in decoder.named_modules() if isinstance(m, linear_types)]
+    # the output head is no decoder layer, though some get_decoder()s (BLIP-2's OPTForCausalLM) hold it
+    head = model.get_output_embeddings()
+    return [f"{prefix}.{n}" for n, m in decoder.named_modules() if isinstance(m, linear_types) and m is not head]
 
 
 def apply_lora(model: torch.nn.Module, lora: LoraConfig, quantized: bool) -> torch.nn.Module:
