@@ -107,7 +107,9 @@ def _qwen2_vl(tiny: TinyConfig) -> ModelAndProcessor:
             " processor, even when only images are used); `pip install torchvision` matching your torch."
         )
     from transformers import Qwen2VLVideoProcessor
-    tokenizer = tiny_tokenizer(tiny, extra_special_tokens=QWEN2_VL_TOKENS, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+
+    tokenizer = tiny_tokenizer(tiny, extra_special_tokens=QWEN2_VL_TOKENS,
+                               chat_template=QWEN2_VL_CHAT_TEMPLATE)
     half_head = tiny.text_hidden // tiny.heads // 2
     spatial = half_head * 3 // 8  # Qwen2-VL's 16/24/24 split of the rotary half, scaled down
     vision = dict(
@@ -195,7 +197,8 @@ BUILDERS: dict[str, Callable[[TinyConfig], ModelAndProcessor]] = {
 def build_tiny_arch(tiny: TinyConfig, family: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write the random-init ``tiny.arch`` model (autoregressive family only) to ``out_dir``."""
     if tiny.arch not in BUILDERS:
-        raise ConfigError(f"tiny.arch: no tiny builder for '{tiny.arch}'; choose one of llava, {', '.join(BUILDERS)}.")
+        choices = ", ".join(["llava", *BUILDERS])
+        raise ConfigError(f"tiny.arch: no tiny builder for '{tiny.arch}'; choose one of {choices}.")
     if family != "mllm":
         raise ConfigError(
             f"tiny.arch={tiny.arch} with model.family={family}: the masked-diffusion family uses the"
