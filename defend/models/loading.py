@@ -49,11 +49,15 @@ def quantization_config(cfg: Config) -> Any:
 
 def load_pretrained(cfg: Config) -> tuple[torch.nn.Module, Any]:
     """The Hugging Face model and processor that ``cfg.model`` names (adapter applied if set)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from defend.models.image_only_processor import image_only_processor
 
     path = resolve_model_path(cfg)
     remote = cfg.model.trust_remote_code
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=remote)
+    model_type = AutoConfig.from_pretrained(path, trust_remote_code=remote).model_type
+    processor = image_only_processor(path, model_type, remote) or AutoProcessor.from_pretrained(
+        path, trust_remote_code=remote)
     model = AutoModelForImageTextToText.from_pretrained(
         path,
         dtype=DTYPES[cfg.model.dtype],

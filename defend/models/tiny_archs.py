@@ -33,6 +33,7 @@ from transformers import (
 from transformers.utils import is_torchvision_available
 
 from defend.config import ConfigError, TinyConfig
+from defend.models.image_only_processor import Qwen2VLImageOnlyProcessor
 from defend.models.tiny import save_tiny, special_token_ids, tiny_tokenizer
 from defend.models.tokenizer import IMAGE_TOKEN
 
@@ -99,15 +100,6 @@ def _blip2(tiny: TinyConfig) -> ModelAndProcessor:
 
 def _qwen2_vl(tiny: TinyConfig) -> ModelAndProcessor:
     """Qwen2-VL: dynamic-resolution patches, M-RoPE, ChatML prompt with a vision block."""
-    if not is_torchvision_available():
-        # transformers 5.x: Qwen2VLProcessor cannot be built or loaded without its video processor,
-        # which is torchvision-only (even for image-only use; transformers issue #48558).
-        raise ConfigError(
-            "tiny.arch=qwen2_vl: transformers' Qwen2-VL processor needs torchvision (for its video"
-            " processor, even when only images are used); `pip install torchvision` matching your torch."
-        )
-    from transformers import Qwen2VLVideoProcessor
-
     tokenizer = tiny_tokenizer(tiny, extra_special_tokens=QWEN2_VL_TOKENS,
                                chat_template=QWEN2_VL_CHAT_TEMPLATE)
     half_head = tiny.text_hidden // tiny.heads // 2
@@ -145,8 +137,14 @@ def _qwen2_vl(tiny: TinyConfig) -> ModelAndProcessor:
     pixels = tiny.image_size**2  # min = max: every image is resized to image_size x image_size
     sizes = dict(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=tiny.patch_size,
                  temporal_patch_size=2, merge_size=QWEN2_VL_MERGE)
-    processor = Qwen2VLProcessor(Qwen2VLImageProcessorPil(**sizes), tokenizer, Qwen2VLVideoProcessor(**sizes),
-                                 chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    image_processor = Qwen2VLImageProcessorPil(**sizes)
+    if is_torchvision_available():
+        from transformers import Qwen2VLVideoProcessor
+
+        processor = Qwen2VLProcessor(image_processor, tokenizer, Qwen2VLVideoProcessor(**sizes),
+                                     chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    else:
+        processor = Qwen2VLImageOnlyProcessor(image_processor, tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE)
     return Qwen2VLForConditionalGeneration(config), processor
 
 

@@ -11,7 +11,6 @@ from typing import Iterator
 
 import pytest
 import torch
-from transformers.utils import is_torchvision_available
 
 from defend.config import ConfigError, TinyConfig, load_config
 from defend.data import load_samples
@@ -22,14 +21,10 @@ from defend.models.tiny import tiny_model_path
 
 SMALL = {"text_hidden": 32, "vision_hidden": 32, "text_layers": 1, "vision_layers": 1, "heads": 4}
 VISION_SIDE = [n for n in VISION_MODULE_NAMES if n != "lm_head"]
-needs_torchvision = pytest.mark.skipif(
-    not is_torchvision_available(),
-    reason="transformers 5.x builds Qwen2VLProcessor only with its torchvision video processor",
-)
 CASES = [
     pytest.param("llava", "mllm", id="llava"),
     pytest.param("blip2", "mllm", id="blip2"),
-    pytest.param("qwen2_vl", "mllm", id="qwen2_vl", marks=needs_torchvision),
+    pytest.param("qwen2_vl", "mllm", id="qwen2_vl"),
     pytest.param("paligemma", "mllm", id="paligemma"),
     pytest.param("llava", "mdlm", id="llava-mdlm"),
 ]
