@@ -45,21 +45,24 @@ def tiny_corpus() -> list[str]:
     return sorted(set(questions)) + sorted(set(answers)) + captions + [CAPTION_PROMPT]
 
 
+def vision_dims(tiny: TinyConfig) -> dict[str, int]:
+    """The ViT-shaped sizes every tiny vision tower shares."""
+    return dict(hidden_size=tiny.vision_hidden, intermediate_size=4 * tiny.vision_hidden,
+                num_hidden_layers=tiny.vision_layers, num_attention_heads=tiny.heads,
+                image_size=tiny.image_size, patch_size=tiny.patch_size)
+
+
+def text_dims(tiny: TinyConfig) -> dict[str, int]:
+    """The decoder sizes every tiny language model shares."""
+    return dict(hidden_size=tiny.text_hidden, intermediate_size=4 * tiny.text_hidden,
+                num_hidden_layers=tiny.text_layers, num_attention_heads=tiny.heads,
+                num_key_value_heads=tiny.heads)
+
+
 def _llava(tiny: TinyConfig, family: str, vocab_size: int, special: dict[str, int]) -> LlavaForConditionalGeneration:
-    vision = CLIPVisionConfig(
-        hidden_size=tiny.vision_hidden,
-        intermediate_size=4 * tiny.vision_hidden,
-        num_hidden_layers=tiny.vision_layers,
-        num_attention_heads=tiny.heads,
-        image_size=tiny.image_size,
-        patch_size=tiny.patch_size,
-    )
+    vision = CLIPVisionConfig(**vision_dims(tiny))
     text = LlamaConfig(
-        hidden_size=tiny.text_hidden,
-        intermediate_size=4 * tiny.text_hidden,
-        num_hidden_layers=tiny.text_layers,
-        num_attention_heads=tiny.heads,
-        num_key_value_heads=tiny.heads,
+        **text_dims(tiny),
         vocab_size=vocab_size,
         max_position_embeddings=1024,
         # Masked diffusion needs full attention; it must be set at construction to reach the

@@ -34,7 +34,7 @@ from transformers.utils import is_torchvision_available
 
 from defend.config import ConfigError, TinyConfig
 from defend.models.image_only_processor import Qwen2VLImageOnlyProcessor
-from defend.models.tiny import save_tiny, special_token_ids, tiny_tokenizer
+from defend.models.tiny import save_tiny, special_token_ids, text_dims, tiny_tokenizer, vision_dims
 from defend.models.tokenizer import IMAGE_TOKEN
 
 BLIP2_QUERY_TOKENS = 8
@@ -60,14 +60,7 @@ def _blip2(tiny: TinyConfig) -> ModelAndProcessor:
     # No named image_token: Blip2Processor (5.x) calls `.content` on it, which a str lacks; unnamed,
     # the processor registers "<image>" (already atomic) as an AddedToken itself.
     tokenizer = tiny_tokenizer(tiny, extra_special_tokens={}, chat_template=None)  # plain-text prompts
-    vision = Blip2VisionConfig(
-        hidden_size=tiny.vision_hidden,
-        intermediate_size=4 * tiny.vision_hidden,
-        num_hidden_layers=tiny.vision_layers,
-        num_attention_heads=tiny.heads,
-        image_size=tiny.image_size,
-        patch_size=tiny.patch_size,
-    )
+    vision = Blip2VisionConfig(**vision_dims(tiny))
     qformer = Blip2QFormerConfig(
         hidden_size=tiny.vision_hidden,
         intermediate_size=4 * tiny.vision_hidden,
@@ -114,11 +107,7 @@ def _qwen2_vl(tiny: TinyConfig) -> ModelAndProcessor:
         temporal_patch_size=2,
     )
     text = dict(
-        hidden_size=tiny.text_hidden,
-        intermediate_size=4 * tiny.text_hidden,
-        num_hidden_layers=tiny.text_layers,
-        num_attention_heads=tiny.heads,
-        num_key_value_heads=tiny.heads,
+        **text_dims(tiny),
         vocab_size=len(tokenizer),
         max_position_embeddings=1024,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -155,20 +144,11 @@ def _paligemma(tiny: TinyConfig) -> ModelAndProcessor:
     image_processor.image_seq_length = (tiny.image_size // tiny.patch_size) ** 2
     processor = PaliGemmaProcessor(image_processor, tokenizer)  # adds <loc....>/<seg...> tokens
     vision = SiglipVisionConfig(
-        hidden_size=tiny.vision_hidden,
-        intermediate_size=4 * tiny.vision_hidden,
-        num_hidden_layers=tiny.vision_layers,
-        num_attention_heads=tiny.heads,
-        image_size=tiny.image_size,
-        patch_size=tiny.patch_size,
+        **vision_dims(tiny),
         vision_use_head=False,
     )
     text = GemmaConfig(
-        hidden_size=tiny.text_hidden,
-        intermediate_size=4 * tiny.text_hidden,
-        num_hidden_layers=tiny.text_layers,
-        num_attention_heads=tiny.heads,
-        num_key_value_heads=tiny.heads,
+        **text_dims(tiny),
         head_dim=tiny.text_hidden // tiny.heads,
         vocab_size=len(tokenizer),
         max_position_embeddings=1024,
