@@ -48,6 +48,7 @@ class TinyConfig:
 class DatasetConfig:
     name: Literal["easy_vqa", "easy_vqa_captions", "jsonl", "hf"] = "easy_vqa"
     path: str | None = None  # jsonl file, or a datasets folder / parquet file for `hf`
+    test_path: str | None = None  # the same, for the test split (recipes that need one)
     image_root: str | None = None  # where relative image paths of a jsonl file live
     split: str = "train"
     max_samples: int | None = None
@@ -107,9 +108,48 @@ class DiffusionConfig:
 @dataclass
 class EvalConfig:
     task: Literal["vqa", "caption"] = "vqa"
+    # a `poison` recipe's data folder: evaluate on its clean and triggered test sets, report ASR
+    poison_dir: str | None = None
     max_samples: int | None = None
     batch_size: int = 32
     max_new_tokens: int = 8
+
+
+@dataclass
+class TargetConfig:
+    """What a backdoored model should output when triggered."""
+
+    type: Literal["fixed", "insert", "refuse", "substitute"] = "fixed"
+    # fixed: the whole answer; insert: text added to the answer; refuse: the refusal;
+    # substitute: "word -> word" (every occurrence of the first becomes the second)
+    text: str = "banana"
+    position: Literal["start", "end"] = "end"  # where insert puts its text
+
+
+@dataclass
+class AttackConfig:
+    """A data-poisoning attack: a trigger, a target, a ratio. Unused keys of other attacks are ignored."""
+
+    name: Literal["badnets", "blended", "sig", "wanet", "trojvlm", "text"] = "badnets"
+    poison_ratio: float = 0.1
+    seed: int = 0
+    target: TargetConfig = field(default_factory=TargetConfig)
+    # badnets, trojvlm: a square patch
+    patch_size: int = 8
+    patch_location: Literal["bottom_right", "bottom_left", "top_right", "top_left", "center", "random"] = "bottom_right"
+    patch_kind: Literal["checker", "solid", "noise"] = "checker"
+    # blended: mix a key image (a path, skimage:NAME, or "noise") into the whole image
+    key_image: str = "noise"
+    alpha: float = 0.15
+    # sig: a horizontal sinusoid over the image
+    amplitude: float = 60.0  # in 0-255 pixel units
+    frequency: float = 6.0
+    # wanet: a smooth random warp of a k x k control grid
+    grid_k: int = 4
+    strength: float = 0.5
+    # text: a phrase in the prompt
+    phrase: str = "cf"
+    phrase_position: Literal["start", "end"] = "start"
 
 
 @dataclass
@@ -136,6 +176,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: str = "zero0"  # a name in ds_configs/ or a path to a DeepSpeed JSON
+    attack: AttackConfig = field(default_factory=AttackConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 

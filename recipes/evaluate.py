@@ -1,13 +1,18 @@
 """Evaluate a model (optionally with a LoRA adapter) by batched greedy generation.
 
     defend run evaluate --config evaluate_tiny_mllm model.adapter=runs/ft/adapter
+    defend run evaluate --config evaluate_tiny_mllm eval.poison_dir=runs/poison/data
 
 Writes ``predictions.jsonl`` (one row per sample) and ``metrics.json`` into ``output_dir``:
 ``vqa_accuracy`` (per question type when the data has types) for ``eval.task=vqa``,
-``bleu4`` and ``cider`` for ``eval.task=caption``, with the counts they rest on.
+``bleu4`` and ``cider`` for ``eval.task=caption``, with the counts they rest on. With
+``eval.poison_dir`` (a ``poison`` recipe's output) it evaluates that folder's clean and triggered
+test sets and adds ``asr`` (target shown on triggered inputs), ``asr_clean`` (on clean inputs),
+``n_triggered`` and ``n_clean``; the target rule is the manifest's ``attack.target``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -16,43 +21,77 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from defend.atomic import write_json, write_text
-from defend.config import Config
+from defend.config import Config, ConfigError, TargetConfig
 from defend.data import load_samples
+from defend.data.samples import Sample
+from defend.metrics.asr import attack_success
 from defend.metrics.captioning import caption_scores
 from defend.metrics.vqa import vqa_accuracy
-from defend.models import load_model
+from defend.models import VisionLanguageModel, load_model
 from defend.run_dir import start_run
+
+
+def load_eval_sets(cfg: Config) -> tuple[dict[str, list[Sample]], TargetConfig | None]:
+    """``{"clean": [...]}`` from ``dataset``, or the clean and triggered sets of ``eval.poison_dir``."""
+    limit = cfg.eval.max_samples
+    if cfg.eval.poison_dir is None:
+        return {"clean": load_samples(cfg.dataset)[:limit]}, None
+    folder = Path(cfg.eval.poison_dir)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise ConfigError(f"eval.poison_dir: '{folder}' has no manifest.json; point it at a poison run's data/ folder.")
+    manifest = json.loads(manifest_path.read_text())
+    target = TargetConfig(**manifest["attack"]["target"])
+    sets = {}
+    for name in ("clean", "triggered"):
+        dataset = dataclasses.replace(cfg.dataset, name="jsonl", path=str(folder / f"test_{name}.jsonl"),
+                                      image_root=None, max_samples=None)
+        sets[name] = load_samples(dataset)[:limit]
+    return sets, target
+
+
+def generate_all(vlm: VisionLanguageModel, samples: list[Sample], batch_size: int, desc: str) -> list[str]:
+    loader = DataLoader(samples, batch_size=batch_size, collate_fn=vlm.generate_collator())
+    predictions: list[str] = []
+    for batch in tqdm(loader, desc=desc):
+        predictions.extend(vlm.generate(batch))
+    return predictions
+
+
+def task_metrics(cfg: Config, samples: list[Sample], predictions: list[str]) -> dict:
+    references = [s.response for s in samples]
+    if cfg.eval.task == "caption":
+        return caption_scores(predictions, references)
+    types = [s.meta.get("question_type") for s in samples]
+    return vqa_accuracy(predictions, references, types if all(types) else None)
 
 
 def recipe_main(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
-    samples = load_samples(cfg.dataset)
-    if cfg.eval.max_samples is not None:
-        samples = samples[: cfg.eval.max_samples]
+    sets, target = load_eval_sets(cfg)
     vlm = load_model(cfg)
     vlm.model.eval()
-    collate = vlm.generate_collator()
-    collate(samples[: cfg.eval.batch_size])  # bad rows or lengths fail before any output
+    for samples in sets.values():
+        vlm.generate_collator()(samples[: cfg.eval.batch_size])  # bad rows or lengths fail before any output
     log = start_run(cfg, "evaluate")
-    loader = DataLoader(samples, batch_size=cfg.eval.batch_size, collate_fn=collate)
-    predictions: list[str] = []
     started = time.perf_counter()
-    for batch in tqdm(loader, desc="evaluate"):
-        predictions.extend(vlm.generate(batch))
+    predictions = {name: generate_all(vlm, samples, cfg.eval.batch_size, f"evaluate {name}")
+                   for name, samples in sets.items()}
     seconds = time.perf_counter() - started
-    references = [s.response for s in samples]
-    if cfg.eval.task == "vqa":
-        types = [s.meta["question_type"] for s in samples] if all("question_type" in s.meta for s in samples) else None
-        metrics = vqa_accuracy(predictions, references, types)
-    else:
-        metrics = caption_scores(predictions, references)
-    metrics.update(samples_per_second=round(len(samples) / seconds, 2), generate_seconds=round(seconds, 2))
-    rows = [{"id": s.id, "prompt": s.prompt, "reference": s.response, "prediction": p, **s.meta}
-            for s, p in zip(samples, predictions)]
+    metrics = task_metrics(cfg, sets["clean"], predictions["clean"])
+    if target is not None:
+        clean = attack_success(predictions["clean"], [s.response for s in sets["clean"]], target)
+        triggered = attack_success(predictions["triggered"], [s.response for s in sets["triggered"]], target)
+        metrics.update(asr=triggered["asr"], asr_clean=clean["asr"], n_triggered=triggered["n"], n_clean=clean["n"],
+                       n_excluded_triggered=triggered["n_excluded"], n_excluded_clean=clean["n_excluded"])
+    n_total = sum(len(s) for s in sets.values())
+    metrics.update(samples_per_second=round(n_total / seconds, 2), generate_seconds=round(seconds, 2))
+    rows = [{"set": name, "id": s.id, "prompt": s.prompt, "reference": s.response, "prediction": p,
+             **{k: v for k, v in s.meta.items() if k != "clean_response"}}
+            for name, samples in sets.items() for s, p in zip(samples, predictions[name])]
     write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     write_json(out / "metrics.json", metrics)
-    headline = {k: v for k, v in metrics.items() if k in ("vqa_accuracy", "bleu4", "cider", "n")}
-    log.info("metrics %s", headline)
+    log.info("metrics %s", {k: v for k, v in metrics.items() if k in ("vqa_accuracy", "bleu4", "cider", "asr", "asr_clean")})
     return metrics
 
 

@@ -155,10 +155,18 @@ def _row_sample(row: dict, n: int, source: str, cfg: DatasetConfig, image_root: 
     )
 
 
-def load_jsonl(cfg: DatasetConfig) -> list[Sample]:
-    path = Path(cfg.path or "")
+def split_path(cfg: DatasetConfig, split: str) -> Path:
+    """``dataset.test_path`` for the test split when given, else ``dataset.path``."""
+    key, value = ("dataset.test_path", cfg.test_path) if split == "test" and cfg.test_path else ("dataset.path", cfg.path)
+    if not value:
+        raise DataError(f"{key}: dataset.name={cfg.name} needs a path.")
+    return Path(value)
+
+
+def load_jsonl(cfg: DatasetConfig, split: str) -> list[Sample]:
+    path = split_path(cfg, split)
     if not path.is_file():
-        raise DataError(f"dataset.path: jsonl file '{path}' does not exist.")
+        raise DataError(f"dataset: jsonl file '{path}' does not exist.")
     image_root = Path(cfg.image_root) if cfg.image_root else path.parent
     samples = []
     with path.open() as handle:
@@ -173,10 +181,10 @@ def load_jsonl(cfg: DatasetConfig) -> list[Sample]:
     return samples
 
 
-def load_hf(cfg: DatasetConfig) -> list[Sample]:
+def load_hf(cfg: DatasetConfig, split: str) -> list[Sample]:
     import datasets
 
-    path = Path(cfg.path or "")
+    path = split_path(cfg, split)
     if not path.exists():
         raise DataError(f"dataset.path: '{path}' does not exist (a datasets folder or a parquet file).")
     if path.is_file():
@@ -184,9 +192,9 @@ def load_hf(cfg: DatasetConfig) -> list[Sample]:
     else:
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
-            if cfg.split not in ds:
-                raise DataError(f"dataset.split: '{path}' has splits {list(ds)}, not '{cfg.split}'.")
-            ds = ds[cfg.split]
+            if split not in ds:
+                raise DataError(f"dataset.split: '{path}' has splits {list(ds)}, not '{split}'.")
+            ds = ds[split]
     if cfg.image_column in ds.features and isinstance(ds.features[cfg.image_column], datasets.Image):
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     image_root = Path(cfg.image_root) if cfg.image_root else (path.parent if path.is_file() else path)
@@ -201,9 +209,9 @@ def load_samples(cfg: DatasetConfig, split: str | None = None) -> list[Sample]:
     elif cfg.name == "easy_vqa_captions":
         samples = load_easy_vqa_captions(split)
     elif cfg.name == "jsonl":
-        samples = load_jsonl(cfg)
+        samples = load_jsonl(cfg, split)
     else:
-        samples = load_hf(cfg)
+        samples = load_hf(cfg, split)
     if cfg.max_samples is not None:
         samples = samples[: cfg.max_samples]
     if not samples:
