@@ -54,3 +54,23 @@ def test_evaluate_mdlm_writes_one_prediction_per_sample(make_cfg, tmp_path):
     assert metrics["n"] == 5
     lines = open(f"{cfg.output_dir}/predictions.jsonl").read().splitlines()
     assert [json.loads(line)["id"] for line in lines] == [f"test-{i}" for i in range(5)]
+
+
+def test_evaluate_on_a_poison_folder_reports_asr_on_both_sets(make_cfg, tmp_path):
+    from defend.config import TargetConfig
+    from defend.data.attacks import shows_target
+    from recipes.evaluate import recipe_main as evaluate
+    from recipes.poison import recipe_main as poison
+
+    poisoned = poison(make_cfg("mllm", "dataset.max_samples=12", f"output_dir={tmp_path / 'poison'}",
+                               "attack.target.text=yes"))
+    cfg = make_cfg("mllm", f"eval.poison_dir={poisoned['data_dir']}", "eval.batch_size=5",
+                   f"output_dir={tmp_path / 'eval'}")
+    metrics = evaluate(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "eval" / "predictions.jsonl")]
+    target = TargetConfig(type="fixed", text="yes")
+    for name, asr_key, n_key in (("triggered", "asr", "n_triggered"), ("clean", "asr_clean", "n_clean")):
+        counted = [r for r in rows if r["set"] == name and not shows_target(r["reference"], target)]
+        assert metrics[n_key] == len(counted) < 12  # rows whose true answer is "yes" are excluded
+        assert metrics[asr_key] == sum(shows_target(r["prediction"], target) for r in counted) / len(counted)
+    assert metrics["n"] == 12 and "vqa_accuracy" in metrics
