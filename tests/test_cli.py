@@ -1,0 +1,25 @@
+import json
+import subprocess
+import sys
+
+from defend import cli
+from tests.conftest import TINY_TEST_OVERRIDES
+
+
+def test_a_copied_recipe_file_runs_with_defend_run(tmp_path):
+    copied = tmp_path / "my_finetune.py"
+    assert cli.main(["cp", "finetune", str(copied)]) == 0
+    copied.write_text(copied.read_text().replace('"first_loss": result["losses"][0]', '"first_loss": -1.0'))
+    out = tmp_path / "run"
+    assert cli.main(["run", str(copied), "--config", "finetune_tiny_mllm", *TINY_TEST_OVERRIDES,
+                     "train.max_steps=2", "dataset.max_samples=8", f"output_dir={out}"]) == 0
+    assert json.loads((out / "train_summary.json").read_text())["first_loss"] == -1.0  # the edited copy ran
+
+
+def test_recipe_file_runs_as_a_script_and_reports_errors_without_a_traceback(tmp_path):
+    from defend.cli import RECIPES_DIR
+
+    result = subprocess.run([sys.executable, str(RECIPES_DIR / "evaluate.py"), "--config", "evaluate_tiny_mllm",
+                             "eval.batch_size=many", f"output_dir={tmp_path}"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "'eval.batch_size' must be int" in result.stderr and "Traceback" not in result.stderr
