@@ -42,6 +42,7 @@ class TinyConfig:
     text_layers: int = 2
     heads: int = 4
     vocab_size: int = 512
+    tie_embeddings: bool = False  # share the input embedding and the output layer
 
 
 @dataclass
@@ -154,12 +155,15 @@ class AttackConfig:
 
 @dataclass
 class DemoConfig:
-    """The demo recipe's stages: shipped config names, ``{family}`` filled in per family."""
+    """The demo recipe's stages: config names or paths; each stage runs with ``model.family`` set,
+    and a ``{family}`` in a name is filled in (for per-family stage configs)."""
 
     families: list[Literal["mllm", "mdlm"]] = field(default_factory=lambda: ["mllm", "mdlm"])
-    pretrain_config: str = "demo_pretrain_{family}"
-    finetune_config: str = "demo_finetune_{family}"
-    evaluate_config: str = "demo_evaluate_{family}"
+    # pre-training stages, run in order, each starting from the previous one's model
+    pretrain_configs: list[str] = field(
+        default_factory=lambda: ["demo_pretrain_captions", "demo_pretrain_vqa"])
+    finetune_config: str = "demo_finetune"
+    evaluate_config: str = "demo_evaluate"
     reuse_pretrained: bool = True  # reuse a cached base pre-trained with the same settings
 
 

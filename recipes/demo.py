@@ -3,8 +3,8 @@
     defend run demo --config demo
 
 For each family in ``demo.families`` (autoregressive ``mllm``, masked-diffusion ``mdlm``):
-1. pre-train a tiny random-init base on captions of the easy-vqa train images (all weights);
-   the result is cached, keyed by the stage's settings, so a second run reuses it;
+1. pre-train a tiny random-init base (all weights) through the stages ``demo.pretrain_configs``;
+   the result is cached, keyed by the stages' settings, so a second run reuses it;
 2. LoRA-fine-tune the base on the easy-vqa train questions (language model only);
 3. evaluate base and fine-tuned model on the full easy-vqa test split.
 Ends with a table per family, also written to ``results.md`` and ``results.json``.
@@ -29,19 +29,24 @@ ROWS = ("overall", "yes/no", "color", "shape")
 
 
 def pretrained_base(cfg: Config, family: str, out: Path, log) -> tuple[Path, float]:
-    """The pre-trained base of ``family``: from the cache, or trained now and cached."""
-    name = cfg.demo.pretrain_config.format(family=family)
-    stage_cfg = load_config(name, [f"seed={cfg.seed}"])
-    settings = dataclasses.asdict(stage_cfg)
-    settings.pop("output_dir")
-    settings["config_text"] = resolve_config_path(name).read_text()
+    """The pre-trained base of ``family``: from the cache, or trained now (stage by stage) and cached."""
+    names = [name.format(family=family) for name in cfg.demo.pretrain_configs]
+    settings = []
+    for name in names:
+        stage = dataclasses.asdict(load_config(name, [f"seed={cfg.seed}", f"model.family={family}"]))
+        stage.pop("output_dir")
+        settings.append({"config": stage, "text": resolve_config_path(name).read_text()})
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     cached = cache_root() / "pretrained" / f"{family}-{key}"
     if cfg.demo.reuse_pretrained and (cached / "config.json").is_file():
         log.info("%s: reusing the pre-trained base cached at %s", family, cached)
         return cached, 0.0
     started = time.perf_counter()
-    summary = run_recipe("finetune", name, [f"seed={cfg.seed}", f"output_dir={out / 'pretrain'}"])
+    model_path: list[str] = []  # the first stage starts from its own model.path
+    for n, name in enumerate(names):
+        summary = run_recipe("finetune", name, [f"seed={cfg.seed}", f"model.family={family}",
+                                                f"output_dir={out / f'pretrain{n}'}", *model_path])
+        model_path = [f"model.path={summary['saved']}"]
     with atomic_dir(cached) as tmp:
         shutil.copytree(summary["saved"], tmp, dirs_exist_ok=True)
     return cached, time.perf_counter() - started
@@ -71,20 +76,21 @@ def recipe_main(cfg: Config) -> dict:
         base, pretrain_s = pretrained_base(cfg, family, fam_out, log)
         t0 = time.perf_counter()
         finetuned = run_recipe("finetune", cfg.demo.finetune_config.format(family=family),
-                               [f"seed={cfg.seed}", f"model.path={base}", f"output_dir={fam_out / 'finetune'}"])
+                               [f"seed={cfg.seed}", f"model.family={family}", f"model.path={base}",
+                                f"output_dir={fam_out / 'finetune'}"])
         t1 = time.perf_counter()
         evaluate = cfg.demo.evaluate_config.format(family=family)
-        base_metrics = run_recipe("evaluate", evaluate, [f"model.path={base}", f"output_dir={fam_out / 'eval_base'}"])
-        t2 = time.perf_counter()
-        ft_metrics = run_recipe("evaluate", evaluate, [f"model.path={base}", f"model.adapter={finetuned['saved']}",
+        common = [f"model.family={family}", f"model.path={base}"]
+        base_metrics = run_recipe("evaluate", evaluate, [*common, f"output_dir={fam_out / 'eval_base'}"])
+        ft_metrics = run_recipe("evaluate", evaluate, [*common, f"model.adapter={finetuned['saved']}",
                                                       f"output_dir={fam_out / 'eval_finetuned'}"])
-        t3 = time.perf_counter()
+        t2 = time.perf_counter()
         results[family] = {
             "base": accuracy_row(base_metrics),
             "finetuned": accuracy_row(ft_metrics),
             "majority_baseline": ft_metrics["majority_baseline"],
             "n": ft_metrics["n"],
-            "seconds": {"pretrain": pretrain_s, "finetune": t1 - t0, "evaluate": t3 - t1},
+            "seconds": {"pretrain": pretrain_s, "finetune": t1 - t0, "evaluate": t2 - t1},
         }
         log.info("%s: base %.3f -> fine-tuned %.3f", family, results[family]["base"]["overall"],
                  results[family]["finetuned"]["overall"])

@@ -65,6 +65,7 @@ def _llava(tiny: TinyConfig, family: str, vocab_size: int, special: dict[str, in
         **text_dims(tiny),
         vocab_size=vocab_size,
         max_position_embeddings=1024,
+        tie_word_embeddings=tiny.tie_embeddings,
         # Masked diffusion needs full attention; it must be set at construction to reach the
         # attention modules (see REFERENCE.md section 5).
         is_causal=(family == "mllm"),

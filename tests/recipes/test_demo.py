@@ -21,7 +21,9 @@ def write_stage_configs(tmp_path):
     }
     for stage, body in stages.items():
         (tmp_path / f"{stage}_mllm.yaml").write_text(yaml.safe_dump(body))
-    return [f"demo.{stage}_config={tmp_path}/{stage}_{{family}}.yaml" for stage in stages]
+    stage = f"'{tmp_path}/pretrain_{{family}}.yaml'"  # quoted: YAML reads a bare {family} as a mapping
+    return [f"demo.pretrain_configs=[{stage},{stage}]",
+            *(f"demo.{stage}_config={tmp_path}/{stage}_{{family}}.yaml" for stage in ("finetune", "evaluate"))]
 
 
 def test_demo_chains_the_stages_writes_the_table_and_reuses_the_cached_base(make_cfg, tmp_path):
@@ -31,6 +33,7 @@ def test_demo_chains_the_stages_writes_the_table_and_reuses_the_cached_base(make
     row = results["mllm"]
     assert "overall" in row["base"] and "overall" in row["finetuned"]
     assert row["n"] == 6 and row["seconds"]["pretrain"] > 0
+    assert (tmp_path / "run" / "mllm" / "pretrain1" / "model").is_dir()  # the second stage ran on the first
     table = (tmp_path / "run" / "results.md").read_text()
     assert "| overall |" in table and "majority-answer baseline" in table
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
