@@ -19,9 +19,10 @@ import shutil
 import time
 from pathlib import Path
 
+import defend
 from defend.atomic import atomic_dir, write_json, write_text
 from defend.cli import run_recipe
-from defend.config import Config, load_config, resolve_config_path
+from defend.config import Config, load_config
 from defend.models.tiny import cache_root
 from defend.run_dir import start_run
 
@@ -31,11 +32,11 @@ ROWS = ("overall", "yes/no", "color", "shape")
 def pretrained_base(cfg: Config, family: str, out: Path, log) -> tuple[Path, float]:
     """The pre-trained base of ``family``: from the cache, or trained now (stage by stage) and cached."""
     names = [name.format(family=family) for name in cfg.demo.pretrain_configs]
-    settings = []
+    settings: list = [defend.__version__]
     for name in names:
         stage = dataclasses.asdict(load_config(name, [f"seed={cfg.seed}", f"model.family={family}"]))
         stage.pop("output_dir")
-        settings.append({"config": stage, "text": resolve_config_path(name).read_text()})
+        settings.append(stage)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     cached = cache_root() / "pretrained" / f"{family}-{key}"
     if cfg.demo.reuse_pretrained and (cached / "config.json").is_file():

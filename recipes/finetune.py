@@ -71,8 +71,9 @@ class FinetuneRecipe:
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.4f}")
             if step % cfg.train.log_every == 0 or step == self.total_steps:
-                record = {"step": step, "loss": sum(losses[-cfg.train.log_every:]) / len(losses[-cfg.train.log_every:]),
-                          "lr": engine.get_lr()[0], "elapsed_s": round(time.perf_counter() - started, 2)}
+                recent = losses[-cfg.train.log_every:]
+                record = {"step": step, "loss": sum(recent) / len(recent), "lr": engine.get_lr()[0],
+                          "elapsed_s": round(time.perf_counter() - started, 2)}
                 with log_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
                 self.log.info("step %d/%d loss %.4f lr %.2e", step, self.total_steps, record["loss"], record["lr"])
