@@ -20,11 +20,9 @@ CAPTION_PROMPT = "describe the image."
 
 def easy_vqa_question_type(question: str) -> str:
     """``color``, ``shape`` or ``yes/no``: the breakdown the demo table reports."""
-    if question.startswith("what color"):
-        return "color"
-    if question.startswith("what"):
-        return "shape"
-    return "yes/no"
+    if not question.startswith("what"):
+        return "yes/no"
+    return "color" if "color" in question.split() else "shape"  # "what is the color of the circle?"
 
 
 def _easy_vqa_rows(split: str) -> tuple[list[str], list[str], list[int], dict[int, str]]:

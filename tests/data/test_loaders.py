@@ -4,7 +4,7 @@ from PIL import Image
 
 from defend.config import load_config
 from defend.data import load_samples
-from defend.data.loaders import easy_vqa_image_attributes
+from defend.data.loaders import EASY_VQA_COLORS, EASY_VQA_SHAPES, easy_vqa_image_attributes
 
 
 def test_easy_vqa_loads_the_real_splits_with_question_types():
@@ -16,6 +16,19 @@ def test_easy_vqa_loads_the_real_splits_with_question_types():
     assert test[0].load_image().size == (64, 64)
 
 
+def test_easy_vqa_question_types_follow_what_the_question_asks():
+    from defend.data.loaders import EASY_VQA_COLORS, EASY_VQA_SHAPES, easy_vqa_question_type
+
+    assert easy_vqa_question_type("what is the color of the triangle?") == "color"
+    assert easy_vqa_question_type("what color is the shape?") == "color"
+    assert easy_vqa_question_type("what is the red shape?") == "shape"
+    assert easy_vqa_question_type("is there not a red shape?") == "yes/no"
+    texts, answers, _ = easy_vqa.get_train_questions()
+    expected = {**{c: "color" for c in EASY_VQA_COLORS}, **{s: "shape" for s in EASY_VQA_SHAPES},
+                "yes": "yes/no", "no": "yes/no"}
+    assert all(easy_vqa_question_type(q) == expected[a] for q, a in zip(texts, answers))
+
+
 def test_easy_vqa_captions_agree_with_the_direct_answers():
     texts, answers, ids = easy_vqa.get_test_questions()
     attrs = easy_vqa_image_attributes("test")
@@ -23,7 +36,10 @@ def test_easy_vqa_captions_agree_with_the_direct_answers():
         if question == "what color is the shape?":
             assert attrs[image_id]["color"] == answer
     captions = load_samples(load_config(None, ["dataset.name=easy_vqa_captions"]).dataset, "test")
-    assert len(captions) > 800 and captions[0].response.startswith("a ")
+    assert len(captions) > 800
+    for caption in captions:
+        article, color, shape = caption.response.split()
+        assert article == "a" and color in EASY_VQA_COLORS and shape in EASY_VQA_SHAPES
 
 
 def rows(tmp_path):
