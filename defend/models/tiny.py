@@ -59,7 +59,8 @@ def text_dims(tiny: TinyConfig) -> dict[str, int]:
                 num_key_value_heads=tiny.heads)
 
 
-def _llava(tiny: TinyConfig, family: str, vocab_size: int, special: dict[str, int]) -> LlavaForConditionalGeneration:
+def _llava(tiny: TinyConfig, family: str, vocab_size: int, special: dict[str, int],
+           image_token_id: int) -> LlavaForConditionalGeneration:
     vision = CLIPVisionConfig(**vision_dims(tiny))
     text = LlamaConfig(
         **text_dims(tiny),
@@ -74,7 +75,7 @@ def _llava(tiny: TinyConfig, family: str, vocab_size: int, special: dict[str, in
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=special["image_token_id"],
+        image_token_id=image_token_id,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
@@ -116,9 +117,8 @@ def build_tiny_model(tiny: TinyConfig, family: str, out_dir: str | Path, seed: i
         return build_tiny_arch(tiny, family, out_dir, seed)
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer(tiny)
-    special = {**special_token_ids(tokenizer), "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}
-    model = _llava(tiny, family, len(tokenizer), special)
-    model.config.text_config.image_token_id = None
+    model = _llava(tiny, family, len(tokenizer), special_token_ids(tokenizer),
+                   tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": tiny.image_size},
         crop_size={"height": tiny.image_size, "width": tiny.image_size},
@@ -135,8 +135,13 @@ def build_tiny_model(tiny: TinyConfig, family: str, out_dir: str | Path, seed: i
 
 
 def tiny_model_path(tiny: TinyConfig, family: str, seed: int = 0) -> Path:
-    """The cached folder of this tiny model, built on first use (keyed by its settings)."""
-    key = json.dumps({"family": family, "seed": seed, **vars(tiny)}, sort_keys=True)
+    """The cached folder of this tiny model, built on first use.
+
+    Keyed by its settings and by the builders' source, so a changed builder never reuses a stale model.
+    """
+    builders = [Path(__file__), Path(__file__).with_name("tiny_archs.py"), Path(__file__).with_name("tokenizer.py")]
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in builders)).hexdigest()
+    key = json.dumps({"family": family, "seed": seed, "code": code, **vars(tiny)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = cache_root() / "tiny" / f"{tiny.arch}-{family}-{digest}"
     if not (path / "defend_tiny.json").is_file():
