@@ -25,6 +25,9 @@ class ModelConfig:
     family: Literal["mllm", "mdlm"] = "mllm"
     path: str = ""  # a local folder in Hugging Face layout (save_pretrained)
     adapter: str | None = None  # a peft LoRA folder loaded on top of `path`
+    # a model folder of the same architecture whose vision encoder replaces this one's
+    # (e.g. the output of the pretrain_vision recipe)
+    vision_tower_from: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -41,7 +44,7 @@ class TinyConfig:
     text_hidden: int = 128
     text_layers: int = 2
     heads: int = 4
-    vocab_size: int = 512
+    vocab_size: int = 1024
     tie_embeddings: bool = False  # share the input embedding and the output layer
 
 
@@ -88,6 +91,7 @@ class TrainConfig:
     max_length: int = 512
     grad_clip: float = 1.0
     log_every: int = 10
+    freeze_vision_tower: bool = False  # full training: keep the vision encoder as it is (LLaVA-style)
 
 
 @dataclass
@@ -104,6 +108,14 @@ class DiffusionConfig:
     block_length: int = 8
     temperature: float = 0.0
     remasking: Literal["low_confidence", "random"] = "low_confidence"
+
+
+@dataclass
+class PretrainVisionConfig:
+    """The ``pretrain_vision`` recipe: the encoder learns to predict each caption's words from the image."""
+
+    hflip: bool = True  # random horizontal flips (turn off when left/right matters, e.g. text in images)
+    min_word_count: int = 1  # words in fewer captions are not predicted
 
 
 @dataclass
@@ -154,16 +166,31 @@ class AttackConfig:
 
 
 @dataclass
+class DemoGoals:
+    """What the demo expects; results.md ticks each one."""
+
+    min_vqa_accuracy: float = 0.85  # clean fine-tune, easy-vqa test
+    min_asr: float = 0.9  # backdoored fine-tune on triggered inputs
+    max_asr_clean: float = 0.05  # backdoored on clean inputs; also the clean model's asr
+    max_accuracy_drop: float = 0.05  # backdoored vs clean fine-tune vqa_accuracy
+
+
+@dataclass
 class DemoConfig:
-    """The demo recipe's stages: config names or paths; each stage runs with ``model.family`` set,
-    and a ``{family}`` in a name is filled in (for per-family stage configs)."""
+    """The demo recipe's stages. Each runs with ``model.family`` set; a ``{family}`` in a config name
+    is filled in (for per-family stage configs)."""
 
     families: list[Literal["mllm", "mdlm"]] = field(default_factory=lambda: ["mllm", "mdlm"])
-    # pre-training stages, run in order, each starting from the previous one's model
-    pretrain_configs: list[str] = field(
-        default_factory=lambda: ["demo_pretrain_captions", "demo_pretrain_vqa"])
+    # one vision encoder for all families (pretrain_vision recipe); null: none
+    vision_config: str | None = "demo_pretrain_vision"
+    # finetune stages of each family's base, in order; the first starts from its own model.path
+    # with the vision encoder above, each next one from the previous one's model
+    pretrain_configs: list[str] = field(default_factory=lambda: ["demo_pretrain_vqa"])
     finetune_config: str = "demo_finetune"
     evaluate_config: str = "demo_evaluate"
+    # the attack of the backdoored fine-tune (a poison config); null: clean models only
+    poison_config: str | None = "poison_badnets_easy_vqa"
+    goals: DemoGoals = field(default_factory=DemoGoals)
     reuse_pretrained: bool = True  # reuse a cached base pre-trained with the same settings
 
 
@@ -179,6 +206,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain_vision: PretrainVisionConfig = field(default_factory=PretrainVisionConfig)
     deepspeed: str = "zero0"  # a name in ds_configs/ or a path to a DeepSpeed JSON
     attack: AttackConfig = field(default_factory=AttackConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)

@@ -1,13 +1,19 @@
-"""The README's first command: pre-train, LoRA-fine-tune and evaluate both model families on easy-vqa.
+"""The README's first command: clean vs backdoored models of both families on easy-vqa.
 
     defend run demo --config demo
 
 For each family in ``demo.families`` (autoregressive ``mllm``, masked-diffusion ``mdlm``):
-1. pre-train a tiny random-init base (all weights) through the stages ``demo.pretrain_configs``;
-   the result is cached, keyed by the stages' settings, so a second run reuses it;
-2. LoRA-fine-tune the base on the easy-vqa train questions (language model only);
-3. evaluate base and fine-tuned model on the full easy-vqa test split.
-Ends with a table per family, also written to ``results.md`` and ``results.json``.
+1. pre-train a tiny random-init base: one vision encoder for all families on the words of the
+   images' captions (``demo.vision_config``), then each family's language model and projector on
+   the questions over that frozen encoder (``demo.pretrain_configs``); results are cached, keyed by
+   the stages' settings, so a second run reuses them;
+2. LoRA-fine-tune the base on the easy-vqa train questions (language model only), and, when
+   ``demo.poison_config`` is set, a second time on the same questions with a poisoned 10%
+   (the ``poison`` recipe, run once for all families: BadNets by default);
+3. evaluate the base on the full easy-vqa test split, and both fine-tuned models on it and on its
+   triggered copy (``vqa_accuracy``, ``asr``, ``asr_clean``).
+Ends with a table per family and the demo's goals checked (``demo.goals``), also written to
+``results.md`` and ``results.json``.
 Each stage is an ordinary recipe run with its own config (``demo.*_config``).
 """
 from __future__ import annotations
@@ -29,76 +35,134 @@ from defend.run_dir import start_run
 ROWS = ("overall", "yes/no", "color", "shape")
 
 
-def pretrained_base(cfg: Config, family: str, out: Path, log) -> tuple[Path, float]:
-    """The pre-trained base of ``family``: from the cache, or trained now (stage by stage) and cached."""
-    names = [name.format(family=family) for name in cfg.demo.pretrain_configs]
+def stage_key(*stages: tuple[str, str, list[str]]) -> str:
+    """Cache key of a chain of stages: (recipe, config, overrides) each, by their resolved settings."""
     settings: list = [defend.__version__]
-    for name in names:
-        stage = dataclasses.asdict(load_config(name, [f"seed={cfg.seed}", f"model.family={family}"]))
+    for recipe, name, overrides in stages:
+        stage = dataclasses.asdict(load_config(name, overrides))
         stage.pop("output_dir")
-        settings.append(stage)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    cached = cache_root() / "pretrained" / f"{family}-{key}"
+        settings.append([recipe, stage])
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_stages(cfg: Config, name: str, stages: list[tuple[str, str, list[str]]], out: Path, log) -> tuple[Path, float]:
+    """Run ``stages`` in order (each from the previous one's model), or reuse their cached result."""
+    cached = cache_root() / "pretrained" / f"{name}-{stage_key(*stages)}"
     if cfg.demo.reuse_pretrained and (cached / "config.json").is_file():
-        log.info("%s: reusing the pre-trained base cached at %s", family, cached)
+        log.info("%s: reusing the pre-trained model cached at %s", name, cached)
         return cached, 0.0
     started = time.perf_counter()
     model_path: list[str] = []  # the first stage starts from its own model.path
-    for n, name in enumerate(names):
-        summary = run_recipe("finetune", name, [f"seed={cfg.seed}", f"model.family={family}",
-                                                f"output_dir={out / f'pretrain{n}'}", *model_path])
+    for n, (recipe, config, overrides) in enumerate(stages):
+        summary = run_recipe(recipe, config, [*overrides, f"output_dir={out / f'{name}{n}'}", *model_path])
         model_path = [f"model.path={summary['saved']}"]
     with atomic_dir(cached) as tmp:
         shutil.copytree(summary["saved"], tmp, dirs_exist_ok=True)
     return cached, time.perf_counter() - started
 
 
+def pretrained_bases(cfg: Config, out: Path, log) -> tuple[dict[str, Path], dict[str, float]]:
+    """Each family's pre-trained base: one vision encoder for all (``demo.vision_config``), then
+    each family's own language stages (``demo.pretrain_configs``) on top of it."""
+    seed = [f"seed={cfg.seed}"]
+    vision: list[str] = []
+    seconds = {}
+    if cfg.demo.vision_config:
+        encoder, seconds["vision"] = cached_stages(cfg, "vision", [("pretrain_vision", cfg.demo.vision_config, seed)],
+                                                   out, log)
+        vision = [f"model.vision_tower_from={encoder}"]
+    bases = {}
+    for family in cfg.demo.families:
+        stages = [("finetune", name.format(family=family), [*seed, f"model.family={family}"])
+                  for name in cfg.demo.pretrain_configs]
+        stages[0][2].extend(vision)
+        bases[family], seconds[family] = cached_stages(cfg, family, stages, out / family, log)
+    return bases, seconds
+
+
 def accuracy_row(metrics: dict) -> dict[str, float]:
     by_type = metrics.get("by_question_type", {})
-    return {"overall": metrics["vqa_accuracy"], **{k: by_type[k]["vqa_accuracy"] for k in ROWS[1:] if k in by_type}}
+    row = {"overall": metrics["vqa_accuracy"], **{k: by_type[k]["vqa_accuracy"] for k in ROWS[1:] if k in by_type}}
+    return row | {k: metrics[k] for k in ("asr", "asr_clean") if k in metrics}
+
+
+def goal_checks(result: dict, goals) -> dict[str, bool]:
+    """The demo's expectations (``demo.goals``), each true or false."""
+    checks = {f"fine-tuned vqa_accuracy >= {goals.min_vqa_accuracy}": result["finetuned"]["overall"] >= goals.min_vqa_accuracy}
+    if "backdoored" in result:
+        clean, bad = result["finetuned"], result["backdoored"]
+        checks.update({
+            f"backdoored asr >= {goals.min_asr}": bad["asr"] >= goals.min_asr,
+            f"backdoored asr_clean <= {goals.max_asr_clean}": bad["asr_clean"] <= goals.max_asr_clean,
+            f"backdoored vqa_accuracy within {goals.max_accuracy_drop} of clean":
+                clean["overall"] - bad["overall"] <= goals.max_accuracy_drop,
+            f"clean asr <= {goals.max_asr_clean}": clean["asr"] <= goals.max_asr_clean,
+        })
+    return checks
 
 
 def family_table(family: str, result: dict) -> str:
-    lines = [f"### {family}", "", "| vqa_accuracy | base | fine-tuned |", "|---|---|---|"]
-    for row in ROWS:
-        lines.append(f"| {row} | {result['base'].get(row, float('nan')):.3f} | {result['finetuned'].get(row, float('nan')):.3f} |")
-    lines.append(f"| majority-answer baseline | {result['majority_baseline']:.3f} | |")
+    models = [m for m in ("base", "finetuned", "backdoored") if m in result]
+    titles = {"base": "base", "finetuned": "clean fine-tune", "backdoored": "backdoored fine-tune"}
+    lines = [f"### {family}", "", "| metric | " + " | ".join(titles[m] for m in models) + " |",
+             "|---|" + "---|" * len(models)]
+    for row in (*(f"vqa_accuracy {r}" for r in ROWS), "asr", "asr_clean"):
+        key = row.removeprefix("vqa_accuracy ")
+        if any(key in result[m] for m in models):
+            cells = [f"{result[m][key]:.3f}" if key in result[m] else "-" for m in models]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines.append(f"| majority-answer baseline | {result['majority_baseline']:.3f} |" + " |" * (len(models) - 1))
     timing = ", ".join(f"{k} {v:.0f}s" for k, v in result["seconds"].items())
-    return "\n".join(lines + ["", f"n = {result['n']} test questions; {timing}", ""])
+    checks = [f"- [{'x' if ok else ' '}] {name}" for name, ok in result["checks"].items()]
+    return "\n".join(lines + ["", f"n = {result['n']} test questions; {timing}", "", *checks, ""])
 
 
 def recipe_main(cfg: Config) -> dict:
     log = start_run(cfg, "demo")
     out = Path(cfg.output_dir)
     started = time.perf_counter()
+    poison_dir = None
+    if cfg.demo.poison_config:
+        poisoned = run_recipe("poison", cfg.demo.poison_config, [f"output_dir={out / 'poison'}"])
+        poison_dir = poisoned["data_dir"]
+    bases, pretrain_s = pretrained_bases(cfg, out / "pretrain", log)
     results = {}
     for family in cfg.demo.families:
         fam_out = out / family
-        base, pretrain_s = pretrained_base(cfg, family, fam_out, log)
+        base = bases[family]
+        common = [f"seed={cfg.seed}", f"model.family={family}", f"model.path={base}"]
+
+        def finetune(name: str, *extra: str) -> str:
+            summary = run_recipe("finetune", cfg.demo.finetune_config.format(family=family),
+                                 [*common, f"output_dir={fam_out / name}", *extra])
+            return summary["saved"]
+
+        def evaluate(name: str, *extra: str) -> dict:
+            return run_recipe("evaluate", cfg.demo.evaluate_config.format(family=family),
+                              [*common, f"output_dir={fam_out / name}", *extra])
+
         t0 = time.perf_counter()
-        finetuned = run_recipe("finetune", cfg.demo.finetune_config.format(family=family),
-                               [f"seed={cfg.seed}", f"model.family={family}", f"model.path={base}",
-                                f"output_dir={fam_out / 'finetune'}"])
+        adapters = {"finetuned": finetune("finetune")}
+        if poison_dir:
+            adapters["backdoored"] = finetune("finetune_backdoored", "dataset.name=jsonl",
+                                              f"dataset.path={poison_dir}/train.jsonl")
         t1 = time.perf_counter()
-        evaluate = cfg.demo.evaluate_config.format(family=family)
-        common = [f"model.family={family}", f"model.path={base}"]
-        base_metrics = run_recipe("evaluate", evaluate, [*common, f"output_dir={fam_out / 'eval_base'}"])
-        ft_metrics = run_recipe("evaluate", evaluate, [*common, f"model.adapter={finetuned['saved']}",
-                                                      f"output_dir={fam_out / 'eval_finetuned'}"])
+        metrics = {"base": evaluate("eval_base")}
+        for name, adapter in adapters.items():
+            with_poison = [f"eval.poison_dir={poison_dir}"] if poison_dir else []
+            metrics[name] = evaluate(f"eval_{name}", f"model.adapter={adapter}", *with_poison)
         t2 = time.perf_counter()
-        results[family] = {
-            "base": accuracy_row(base_metrics),
-            "finetuned": accuracy_row(ft_metrics),
-            "majority_baseline": ft_metrics["majority_baseline"],
-            "n": ft_metrics["n"],
-            "seconds": {"pretrain": pretrain_s, "finetune": t1 - t0, "evaluate": t2 - t1},
-        }
-        log.info("%s: base %.3f -> fine-tuned %.3f", family, results[family]["base"]["overall"],
-                 results[family]["finetuned"]["overall"])
+        result = {name: accuracy_row(m) for name, m in metrics.items()}
+        result.update(majority_baseline=metrics["finetuned"]["majority_baseline"], n=metrics["finetuned"]["n"],
+                      seconds={"pretrain": pretrain_s[family], "finetune": t1 - t0, "evaluate": t2 - t1})
+        result["checks"] = goal_checks(result, cfg.demo.goals)
+        results[family] = result
+        log.info("%s: %s", family, {m: {k: round(v, 3) for k, v in result[m].items()} for m in metrics})
     total = time.perf_counter() - started
     report = "\n".join(family_table(f, r) for f, r in results.items()) + f"\ntotal {total:.0f}s\n"
     write_text(out / "results.md", report)
-    write_json(out / "results.json", {"families": results, "total_seconds": total})
+    write_json(out / "results.json", {"families": results, "total_seconds": total,
+                                      "vision_pretrain_seconds": pretrain_s.get("vision", 0.0)})
     print("\n" + report)
     return results
 

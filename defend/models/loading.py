@@ -64,6 +64,10 @@ def load_pretrained(cfg: Config) -> tuple[torch.nn.Module, Any]:
         quantization_config=quantization_config(cfg),
         trust_remote_code=remote,
     )
+    if cfg.model.vision_tower_from:
+        from defend.models.vision import load_vision_tower
+
+        load_vision_tower(model, cfg.model.vision_tower_from, remote)
     if cfg.model.adapter:
         from peft import PeftModel
 

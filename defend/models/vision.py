@@ -1,0 +1,62 @@
+"""The vision side of a vision-language model: find its encoder, pool its features."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from defend.config import ConfigError
+
+# attribute names of the image encoder across transformers' VLMs (LLaVA, PaliGemma: vision_tower;
+# BLIP-2: vision_model; Qwen2-VL: visual)
+VISION_TOWER_NAMES = ("vision_tower", "vision_model", "visual")
+
+
+def find_vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The image encoder inside ``model`` (a peft wrapper included)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in VISION_TOWER_NAMES:
+            return module
+    raise ConfigError(
+        f"{type(model).__name__}: no vision encoder found (looked for submodules named"
+        f" {', '.join(VISION_TOWER_NAMES)}); train.freeze_vision_tower and pretrain_vision need one."
+    )
+
+
+def pooled_image_features(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Mean of the encoder's last hidden states over its patch tokens (a CLS token left out, as
+    LLaVA-style models drop it too): one vector per image."""
+    try:
+        hidden = tower(pixel_values=pixel_values).last_hidden_state
+    except TypeError as err:
+        raise ConfigError(
+            f"{type(tower).__name__} does not take a plain pixel_values batch ({err}); pretrain_vision"
+            " supports ViT-style encoders (CLIP, SigLIP, BLIP-2)."
+        ) from err
+    config = tower.config
+    n_patches = (config.image_size // config.patch_size) ** 2 if hasattr(config, "patch_size") else None
+    if n_patches is not None and hidden.shape[1] == n_patches + 1:
+        hidden = hidden[:, 1:]
+    return hidden.mean(dim=1)
+
+
+def load_vision_tower(model: torch.nn.Module, folder: str | Path, trust_remote_code: bool = False) -> None:
+    """Copy the vision encoder of the model saved in ``folder`` (same architecture) into ``model``.
+
+    The source is loaded with ``from_pretrained``, so checkpoint key layouts never matter.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.vision_tower_from: '{folder}' is not a model folder (no config.json).")
+    tower = find_vision_tower(model)
+    dtype = next(tower.parameters()).dtype
+    source = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        tower.load_state_dict(find_vision_tower(source).state_dict(), strict=True)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"model.vision_tower_from: the vision encoder in '{folder}' does not fit this model's"
+            f" ({str(err)[:300]}); both must have the same vision architecture and sizes."
+        ) from err

@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+
+from defend.config import load_config
+from defend.data import DataError, Sample
+from defend.data.bag_of_words import bag_of_words, caption_vocabulary
+from defend.models import load_model
+from defend.models.vision import find_vision_tower
+from recipes.finetune import recipe_main as finetune
+from recipes.pretrain_vision import recipe_main as pretrain_vision
+
+
+def caption(text: str) -> Sample:
+    return Sample(id=text, image=None, prompt="describe", response=text, source="test")
+
+
+def test_vocabulary_drops_words_every_caption_has_and_rare_words():
+    samples = [caption(t) for t in ("a red circle", "a blue circle", "A red Triangle.", "a teal square")]
+    assert caption_vocabulary(samples) == ["blue", "circle", "red", "square", "teal", "triangle"]
+    assert caption_vocabulary(samples, min_count=2) == ["circle", "red"]
+    targets = bag_of_words(["a red circle", "red red"], ["circle", "red", "teal"])
+    assert targets.tolist() == [[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
+
+
+def test_vocabulary_of_identical_captions_is_an_error_naming_the_fix():
+    with pytest.raises(DataError, match="min_word_count"):
+        caption_vocabulary([caption("a photo"), caption("a photo")])
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_pretrain_vision_learns_caption_words_and_changes_only_the_encoder(make_cfg):
+    cfg = make_cfg("mllm", "dataset.name=easy_vqa_captions", "dataset.max_samples=32", "train.max_steps=150",
+                   "train.micro_batch_size=16", "train.lr=1e-2", "train.log_every=50")
+    before = load_model(cfg).model
+    summary = pretrain_vision(cfg)
+    log = [json.loads(line) for line in open(f"{cfg.output_dir}/train_log.jsonl")]
+    assert [r["step"] for r in log] == [50, 100, 150]
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"], log
+    assert summary["bag_of_words_accuracy"] > 0.3  # exact word sets of 32 seen images; chance is 1/24
+    assert "a" not in summary["vocabulary"] and {"circle", "triangle", "rectangle"} <= set(summary["vocabulary"])
+
+    after = load_model(load_config(None, [f"model.path={summary['saved']}", "train.max_length=64"])).model
+    old_tower, new_tower = weights(find_vision_tower(before)), weights(find_vision_tower(after))
+    assert any(not torch.equal(old_tower[k], new_tower[k]) for k in old_tower)
+    old_lm, new_lm = weights(before.get_decoder()), weights(after.get_decoder())
+    assert all(torch.equal(old_lm[k], new_lm[k]) for k in old_lm)
+
+
+def test_finetune_with_a_frozen_vision_tower_trains_everything_else(make_cfg):
+    cfg = make_cfg("mdlm", "lora.enabled=false", "train.freeze_vision_tower=true", "dataset.max_samples=8",
+                   "train.max_steps=2", "train.micro_batch_size=4", "train.lr=1e-2")
+    before = load_model(cfg).model
+    saved = finetune(cfg)["saved"]
+    after = load_model(load_config(None, [f"model.path={saved}", "model.family=mdlm", "train.max_length=64"])).model
+    old_tower, new_tower = weights(find_vision_tower(before)), weights(find_vision_tower(after))
+    assert all(torch.equal(old_tower[k], new_tower[k]) for k in old_tower)
+    old_lm, new_lm = weights(before.get_decoder()), weights(after.get_decoder())
+    assert any(not torch.equal(old_lm[k], new_lm[k]) for k in old_lm)
+
+
+def test_vision_tower_from_copies_only_the_encoder_across_families(make_cfg, tmp_path):
+    cfg = make_cfg("mllm", "dataset.name=easy_vqa_captions", "dataset.max_samples=8", "train.max_steps=3",
+                   "train.micro_batch_size=4", "train.lr=1e-2")
+    saved = pretrain_vision(cfg)["saved"]
+    source = load_model(load_config(None, [f"model.path={saved}", "train.max_length=64"])).model
+    plain = load_model(make_cfg("mdlm")).model
+    grafted = load_model(make_cfg("mdlm", f"model.vision_tower_from={saved}")).model
+    want, got = weights(find_vision_tower(source)), weights(find_vision_tower(grafted))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert any(not torch.equal(weights(find_vision_tower(plain))[k], got[k]) for k in got)
+    lm_plain, lm_grafted = weights(plain.get_decoder()), weights(grafted.get_decoder())
+    assert all(torch.equal(lm_plain[k], lm_grafted[k]) for k in lm_plain)  # the mdlm's own language model
+
+
+def test_vision_tower_from_a_folder_without_a_model_names_the_key(make_cfg, tmp_path):
+    from defend.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.vision_tower_from"):
+        load_model(make_cfg("mllm", f"model.vision_tower_from={tmp_path}"))
