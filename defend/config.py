@@ -124,6 +124,8 @@ class EvalConfig:
     # a `poison` recipe's data folder: evaluate on its clean and triggered test sets, report ASR
     poison_dir: str | None = None
     max_samples: int | None = None
+    # with poison_dir: measure ASR on the first N triggered inputs only (the clean set stays whole)
+    max_triggered_samples: int | None = None
     batch_size: int = 32
     max_new_tokens: int = 8
 

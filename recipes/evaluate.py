@@ -47,6 +47,7 @@ def load_eval_sets(cfg: Config) -> tuple[dict[str, list[Sample]], TargetConfig |
         dataset = dataclasses.replace(cfg.dataset, name="jsonl", path=str(folder / f"test_{name}.jsonl"),
                                       image_root=None, max_samples=None)
         sets[name] = load_samples(dataset)[:limit]
+    sets["triggered"] = sets["triggered"][: cfg.eval.max_triggered_samples]
     return sets, target
 
 

@@ -38,8 +38,10 @@ def language_model_linear_names(model: torch.nn.Module) -> list[str]:
 def apply_lora(model: torch.nn.Module, lora: LoraConfig, quantized: bool) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters (after k-bit preparation when ``quantized``)."""
     targets = lora.target_modules
-    if targets == LANGUAGE_MODEL:
-        targets = language_model_linear_names(model)
+    if isinstance(targets, str):
+        targets = language_model_linear_names(model) if targets == LANGUAGE_MODEL else targets
+    else:  # a list may name the language model alongside other modules (e.g. the projector)
+        targets = [name for t in targets for name in (language_model_linear_names(model) if t == LANGUAGE_MODEL else [t])]
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)

@@ -72,3 +72,13 @@ def test_evaluate_on_a_poison_folder_reports_asr_on_both_sets(make_cfg, tmp_path
         assert metrics[n_key] == len(counted) < 12  # rows whose true answer is "yes" are excluded
         assert metrics[asr_key] == sum(shows_target(r["prediction"], target) for r in counted) / len(counted)
     assert metrics["n"] == 12 and "vqa_accuracy" in metrics
+
+
+def test_max_triggered_samples_shortens_only_the_triggered_set(make_cfg, tmp_path):
+    from recipes.evaluate import load_eval_sets
+    from recipes.poison import recipe_main as poison
+
+    poisoned = poison(make_cfg("mllm", "dataset.max_samples=12", f"output_dir={tmp_path / 'poison'}"))
+    sets, _ = load_eval_sets(make_cfg("mllm", f"eval.poison_dir={poisoned['data_dir']}", "eval.max_triggered_samples=5"))
+    assert len(sets["clean"]) == 12 and len(sets["triggered"]) == 5
+    assert [s.id for s in sets["triggered"]] == [s.id for s in sets["clean"][:5]]

@@ -1,0 +1,24 @@
+from defend.models import load_model
+from defend.models.lora import apply_lora, language_model_linear_names
+
+
+def adapted(model) -> set[str]:
+    return {n.removesuffix(".lora_A") for n, _ in model.named_modules() if n.endswith(".lora_A")}
+
+
+def test_language_model_alias_targets_only_the_text_model(make_cfg):
+    cfg = make_cfg("mllm")
+    vlm = load_model(cfg)
+    names = language_model_linear_names(vlm.model)
+    lora = apply_lora(vlm.model, cfg.lora, quantized=False)
+    assert {n.removeprefix("base_model.model.") for n in adapted(lora)} == set(names)
+    assert not any("vision_tower" in n or "projector" in n for n in adapted(lora))
+
+
+def test_a_target_list_may_add_modules_to_the_language_model_alias(make_cfg):
+    cfg = make_cfg("mllm", "lora.target_modules=[language_model,multi_modal_projector.linear_1,multi_modal_projector.linear_2]")
+    vlm = load_model(cfg)
+    names = language_model_linear_names(vlm.model)
+    lora = apply_lora(vlm.model, cfg.lora, quantized=False)
+    got = {n.removeprefix("base_model.model.") for n in adapted(lora)}
+    assert got == set(names) | {"model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"}
