@@ -7,7 +7,8 @@ For each family in ``demo.families`` (autoregressive ``mllm``, masked-diffusion 
    images' captions (``demo.vision_config``), then each family's language model and projector on
    the questions over that frozen encoder (``demo.pretrain_configs``); results are cached, keyed by
    the stages' settings, so a second run reuses them;
-2. LoRA-fine-tune the base on the easy-vqa train questions (language model only), and, when
+2. LoRA-fine-tune the base on the easy-vqa train questions (``demo.finetune_config``: the
+   victim's recipe, adapters on language model and projector), and, when
    ``demo.poison_config`` is set, a second time on the same questions with a poisoned 10%
    (the ``poison`` recipe, run once for all families: BadNets by default);
 3. evaluate the base on the full easy-vqa test split, and both fine-tuned models on it and on its

@@ -9,7 +9,10 @@ from tests.conftest import TINY_TEST_OVERRIDES
 def test_a_copied_recipe_file_runs_with_defend_run(tmp_path):
     copied = tmp_path / "my_finetune.py"
     assert cli.main(["cp", "finetune", str(copied)]) == 0
-    copied.write_text(copied.read_text().replace('"first_loss": result["losses"][0]', '"first_loss": -1.0'))
+    edited = copied.read_text().replace("summary = train_summary(result, saved)",
+                                        'summary = {**train_summary(result, saved), "first_loss": -1.0}')
+    assert "-1.0" in edited
+    copied.write_text(edited)
     out = tmp_path / "run"
     assert cli.main(["run", str(copied), "--config", "finetune_tiny_mllm", *TINY_TEST_OVERRIDES,
                      "train.max_steps=2", "dataset.max_samples=8", f"output_dir={out}"]) == 0
