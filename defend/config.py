@@ -44,7 +44,7 @@ class TinyConfig:
     text_hidden: int = 128
     text_layers: int = 2
     heads: int = 4
-    vocab_size: int = 1024
+    vocab_size: int = 1024  # at most: BPE stops when the corpus has no more merges (714 for the default)
     tie_embeddings: bool = False  # share the input embedding and the output layer
 
 
