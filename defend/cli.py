@@ -61,9 +61,11 @@ def run_recipe(recipe: str, config: str | None, overrides: list[str]) -> dict:
 
 def cmd_ls(_: argparse.Namespace) -> None:
     print("recipes:")
-    for name in recipe_names():
+    names = recipe_names()
+    width = max(map(len, names), default=0)
+    for name in names:
         doc = (load_doc(RECIPES_DIR / f"{name}.py") or "").splitlines()
-        print(f"  {name:<12} {doc[0] if doc else ''}")
+        print(f"  {name:<{width}}  {doc[0] if doc else ''}")
     print("configs:")
     for name in config_names():
         print(f"  {name}")

@@ -26,3 +26,12 @@ def test_recipe_file_runs_as_a_script_and_reports_errors_without_a_traceback(tmp
                              "eval.batch_size=many", f"output_dir={tmp_path}"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "'eval.batch_size' must be int" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ls_lists_every_recipe_with_its_summary_and_every_config(capsys):
+    assert cli.main(["ls"]) == 0
+    out = capsys.readouterr().out
+    for name in ("demo", "evaluate", "finetune", "poison", "pretrain_vision"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
+        assert len(line.split()) > 2, line  # the docstring's first line follows the name
+    assert "demo_pretrain_vision" in out and "poison_badnets_easy_vqa" in out
