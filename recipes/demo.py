@@ -74,9 +74,8 @@ def pretrained_bases(cfg: Config, out: Path, log) -> tuple[dict[str, Path], dict
         vision = [f"model.vision_tower_from={encoder}"]
     bases = {}
     for family in cfg.demo.families:
-        stages = [("finetune", name.format(family=family), [*seed, f"model.family={family}"])
-                  for name in cfg.demo.pretrain_configs]
-        stages[0][2].extend(vision)
+        stages = [("finetune", name.format(family=family), [*seed, f"model.family={family}", *(vision if n == 0 else [])])
+                  for n, name in enumerate(cfg.demo.pretrain_configs)]
         bases[family], seconds[family] = cached_stages(cfg, family, stages, out / family, log)
     return bases, seconds
 
@@ -107,11 +106,11 @@ def family_table(family: str, result: dict) -> str:
     titles = {"base": "base", "finetuned": "clean fine-tune", "backdoored": "backdoored fine-tune"}
     lines = [f"### {family}", "", "| metric | " + " | ".join(titles[m] for m in models) + " |",
              "|---|" + "---|" * len(models)]
-    for row in (*(f"vqa_accuracy {r}" for r in ROWS), "asr", "asr_clean"):
-        key = row.removeprefix("vqa_accuracy ")
+    for key in (*ROWS, "asr", "asr_clean"):
         if any(key in result[m] for m in models):
+            label = f"vqa_accuracy {key}" if key in ROWS else key
             cells = [f"{result[m][key]:.3f}" if key in result[m] else "-" for m in models]
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append(f"| majority-answer baseline | {result['majority_baseline']:.3f} |" + " |" * (len(models) - 1))
     timing = ", ".join(f"{k} {v:.0f}s" for k, v in result["seconds"].items())
     checks = [f"- [{'x' if ok else ' '}] {name}" for name, ok in result["checks"].items()]

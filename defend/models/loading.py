@@ -7,11 +7,11 @@ from typing import Any
 import torch
 
 from defend.config import Config, ConfigError
+from defend.models.vision import VISION_TOWER_NAMES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # vision-side modules that stay in full precision under QLoRA (names across transformers' VLMs)
-VISION_MODULE_NAMES = ["vision_tower", "visual", "vision_model", "multi_modal_projector", "qformer",
-                       "language_projection", "lm_head"]
+VISION_MODULE_NAMES = [*VISION_TOWER_NAMES, "multi_modal_projector", "qformer", "language_projection", "lm_head"]
 
 
 def resolve_model_path(cfg: Config) -> Path:

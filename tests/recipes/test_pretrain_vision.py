@@ -33,6 +33,13 @@ def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def outside_the_encoder(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of ``model`` but its vision encoder's (language model, projector, output layer)."""
+    tower = find_vision_tower(model)
+    prefix = next(name for name, module in model.named_modules() if module is tower) + "."
+    return {k: v for k, v in weights(model).items() if not k.startswith(prefix)}
+
+
 def test_pretrain_vision_learns_caption_words_and_changes_only_the_encoder(make_cfg):
     cfg = make_cfg("mllm", "dataset.name=easy_vqa_captions", "dataset.max_samples=32", "train.max_steps=150",
                    "train.micro_batch_size=16", "train.lr=1e-2", "train.log_every=50")
@@ -47,8 +54,21 @@ def test_pretrain_vision_learns_caption_words_and_changes_only_the_encoder(make_
     after = load_model(load_config(None, [f"model.path={summary['saved']}", "train.max_length=64"])).model
     old_tower, new_tower = weights(find_vision_tower(before)), weights(find_vision_tower(after))
     assert any(not torch.equal(old_tower[k], new_tower[k]) for k in old_tower)
-    old_lm, new_lm = weights(before.get_decoder()), weights(after.get_decoder())
-    assert all(torch.equal(old_lm[k], new_lm[k]) for k in old_lm)
+    old_rest, new_rest = outside_the_encoder(before), outside_the_encoder(after)
+    assert old_rest.keys() == new_rest.keys() and any("projector" in k for k in old_rest)
+    assert all(torch.equal(old_rest[k], new_rest[k]) for k in old_rest)
+
+
+def test_pooled_features_average_the_patch_tokens_without_clip_cls(make_cfg):
+    from defend.models.vision import pooled_image_features
+
+    tower = find_vision_tower(load_model(make_cfg("mllm")).model)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        hidden = tower(pixel_values=pixels).last_hidden_state
+        pooled = pooled_image_features(tower, pixels)
+    assert hidden.shape[1] == 1 + (64 // 16) ** 2  # CLS + 16 patches of the test model
+    assert torch.allclose(pooled, hidden[:, 1:].mean(dim=1)) and not torch.allclose(pooled, hidden.mean(dim=1))
 
 
 def test_finetune_with_a_frozen_vision_tower_trains_everything_else(make_cfg):
@@ -61,6 +81,8 @@ def test_finetune_with_a_frozen_vision_tower_trains_everything_else(make_cfg):
     assert all(torch.equal(old_tower[k], new_tower[k]) for k in old_tower)
     old_lm, new_lm = weights(before.get_decoder()), weights(after.get_decoder())
     assert any(not torch.equal(old_lm[k], new_lm[k]) for k in old_lm)
+    old_rest, new_rest = outside_the_encoder(before), outside_the_encoder(after)
+    assert any(not torch.equal(old_rest[k], new_rest[k]) for k in old_rest if "projector" in k)
 
 
 def test_vision_tower_from_copies_only_the_encoder_across_families(make_cfg, tmp_path):
