@@ -30,6 +30,7 @@ test: setup ray-local-config
 
 bench: setup
 	OMP_NUM_THREADS=$$(nproc) $(PY) bench/generation_throughput.py
+	OMP_NUM_THREADS=1 $(PY) bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) runs

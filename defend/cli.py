@@ -18,6 +18,7 @@ from typing import Callable
 
 from defend.config import ConfigError, dump_config, load_config, recipes_config_dir, resolve_config_path
 from defend.data.samples import DataError
+from defend.engine.preemption import STOPPED_EXIT_CODE, TrainingStopped
 
 RECIPES_DIR = recipes_config_dir().parent
 USER_ERRORS = (ConfigError, DataError)
@@ -93,15 +94,26 @@ def cmd_cp(args: argparse.Namespace) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
-    from defend.engine.ds_config import load_ds_config
+    from defend.engine.ds_config import check_combination, load_ds_config
 
-    load_ds_config(cfg.deepspeed)
+    check_combination(cfg, load_ds_config(cfg.deepspeed))
     print(dump_config(cfg), end="")
     print(f"# {args.config}: valid")
 
 
-def cmd_run(args: argparse.Namespace) -> None:
-    run_recipe(args.recipe, args.config, args.overrides)
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.launcher == "none":
+        load_recipe_main(resolve_recipe(args.recipe))(cfg)
+        return 0
+    resolve_recipe(args.recipe)  # a wrong name fails here, not in every rank
+    if cfg.launcher == "ray":
+        from launchers.ray_train import run_on_ray
+
+        return run_on_ray(args.recipe, args.config, args.overrides, cfg)
+    from launchers.local import run_local
+
+    return run_local(cfg.launcher, cfg.nproc, args.recipe, args.config, args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(getattr(args, "overrides", [])) + extra
     try:
-        args.func(args)
+        return args.func(args) or 0
     except USER_ERRORS as err:
         print(f"defend: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except TrainingStopped as stopped:
+        print(f"defend: {stopped}", file=sys.stderr)
+        return STOPPED_EXIT_CODE
 
 
 def recipe_entry(recipe_main: Callable) -> None:
@@ -159,6 +173,9 @@ def recipe_entry(recipe_main: Callable) -> None:
     except USER_ERRORS as err:
         print(f"defend: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as stopped:
+        print(f"defend: {stopped}", file=sys.stderr)
+        sys.exit(STOPPED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ class ModelConfig:
     vision_tower_from: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # from_pretrained's device_map for single-process inference ("auto", "cpu", ...); never with ZeRO-3
+    device_map: str | None = None
 
 
 @dataclass
@@ -75,6 +77,7 @@ class LoraConfig:
 @dataclass
 class QuantConfig:
     load_in_4bit: bool = False
+    load_in_8bit: bool = False  # LoRA on an int8 base (ZeRO-0/2 only: ZeRO-3 cannot shard int8 weights)
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
 
@@ -92,6 +95,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     log_every: int = 10
     freeze_vision_tower: bool = False  # full training: keep the vision encoder as it is (LLaVA-style)
+    # checkpoints (DeepSpeed engine, data position, RNG) under output_dir/checkpoints every N steps;
+    # SIGTERM/SIGUSR1 also save one and stop (preemption); null: only on a signal
+    save_every: int | None = None
+    keep_checkpoints: int = 2  # rotation: the newest N stay
+    # "auto": continue from the newest checkpoint in output_dir if there is one; "never"; or a
+    # checkpoint folder (output_dir/checkpoints/step_NNNNNN)
+    resume: str = "auto"
 
 
 @dataclass
@@ -189,11 +199,27 @@ class DemoConfig:
     # with the vision encoder above, each next one from the previous one's model
     pretrain_configs: list[str] = field(default_factory=lambda: ["demo_pretrain_vqa"])
     finetune_config: str = "demo_finetune"
+    # per family, overrides of the fine-tunes (clean and poisoned alike), e.g. {mdlm: [train.max_steps=500]}
+    finetune_overrides: dict[str, list[str]] = field(default_factory=dict)
     evaluate_config: str = "demo_evaluate"
     # the attack of the backdoored fine-tune (a poison config); null: clean models only
     poison_config: str | None = "poison_badnets_easy_vqa"
     goals: DemoGoals = field(default_factory=DemoGoals)
     reuse_pretrained: bool = True  # reuse a cached base pre-trained with the same settings
+
+
+@dataclass
+class RayConfig:
+    """``launcher=ray``: where the workers run."""
+
+    # null: start an embedded local Ray; "auto" or HOST:PORT: join a running cluster
+    address: str | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # 1 on a GPU cluster
+    # fail (naming the missing resources) when the cluster cannot place every worker in this time
+    placement_timeout_s: float = 60.0
+    # environment variables the workers get on top of the run's offline/threads settings
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -209,7 +235,12 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain_vision: PretrainVisionConfig = field(default_factory=PretrainVisionConfig)
-    deepspeed: str = "zero0"  # a name in ds_configs/ or a path to a DeepSpeed JSON
+    deepspeed: str = "zero0"  # a name in ds_configs/ (zero0, zero2, zero3, zero3_offload) or a path to a JSON
+    # how `defend run` starts the recipe: in this process, or nproc ranks by torchrun, the deepspeed
+    # launcher, or Ray workers (one DeepSpeed rank each)
+    launcher: Literal["none", "torchrun", "deepspeed", "ray"] = "none"
+    nproc: int = 1
+    ray: RayConfig = field(default_factory=RayConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
@@ -264,7 +295,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
     elif origin is dict:
         if isinstance(value, dict):
-            return dict(value)
+            key_type, value_type = typing.get_args(tp) or (Any, Any)
+            return {_coerce(k, key_type, f"{key}.{k}", where) if key_type is not Any else k:
+                    _coerce(v, value_type, f"{key}.{k}", where) if value_type is not Any else v
+                    for k, v in value.items()}
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

@@ -134,7 +134,8 @@ def recipe_main(cfg: Config) -> dict:
 
         def finetune(name: str, *extra: str) -> str:
             summary = run_recipe("finetune", cfg.demo.finetune_config.format(family=family),
-                                 [*common, f"output_dir={fam_out / name}", *extra])
+                                 [*common, *cfg.demo.finetune_overrides.get(family, []),
+                                  f"output_dir={fam_out / name}", *extra])
             return summary["saved"]
 
         def evaluate(name: str, *extra: str) -> dict:

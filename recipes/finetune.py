@@ -1,24 +1,29 @@
 """Fine-tune a vision-language model of either family: full, LoRA or QLoRA, on a DeepSpeed engine.
 
     defend run finetune --config finetune_tiny_mllm train.max_steps=50
+    defend run finetune --config finetune_tiny_mllm deepspeed=zero3 launcher=torchrun nproc=2
 
 Reads (image, prompt, response) samples, trains, and writes into ``output_dir``:
-``config.yaml``, ``finetune.log``, ``train_log.jsonl`` (loss per logged step), and the result:
-``adapter/`` (peft format) for LoRA/QLoRA or ``model/`` (save_pretrained) for full training.
+``config.yaml``, ``finetune.log``, ``train_log.jsonl`` (loss per logged step), ``checkpoints/``
+(every ``train.save_every`` steps and on SIGTERM/SIGUSR1; a rerun resumes from the newest), and
+the result: ``adapter/`` (peft format) for LoRA/QLoRA or ``model/`` (save_pretrained) for full
+training. Any number of ranks, any ZeRO stage (``deepspeed=``): the same file.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 
 from defend.atomic import write_json
 from defend.config import Config
 from defend.data import load_samples
-from defend.engine.engine import build_engine
-from defend.engine.loop import endless, train_loop, train_summary
+from defend.data.sampler import ResumableSampler
+from defend.engine.checkpoint import Checkpointer
+from defend.engine.distributed import rank, world_size
+from defend.engine.engine import build_engine, prepare_deepspeed, release_deepspeed
+from defend.engine.loop import train_loop, train_summary
 from defend.models import load_model
 from defend.models.lora import apply_lora
 from defend.models.saving import save_model_folder
@@ -34,6 +39,7 @@ class FinetuneRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.samples = load_samples(cfg.dataset)
+        ds_config = prepare_deepspeed(cfg)  # before loading: under ZeRO-3 the model is built sharded
         self.vlm = load_model(cfg)
         collate = self.vlm.train_collator()
         collate(self.samples[: cfg.train.micro_batch_size])  # bad rows or lengths fail before any output
@@ -41,30 +47,36 @@ class FinetuneRecipe:
         if cfg.train.freeze_vision_tower:
             find_vision_tower(self.vlm.model).requires_grad_(False)
         if cfg.lora.enabled:
-            self.vlm.model = apply_lora(self.vlm.model, cfg.lora, quantized=cfg.quant.load_in_4bit)
+            self.vlm.model = apply_lora(self.vlm.model, cfg.lora, quantized=cfg.quant.load_in_4bit or cfg.quant.load_in_8bit)
         trainable = sum(p.numel() for p in self.vlm.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.vlm.model.parameters())
         self.log.info("%d samples; trainable params %d of %d", len(self.samples), trainable, total)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        self.loader = DataLoader(self.samples, batch_size=cfg.train.micro_batch_size, shuffle=True,
-                                 collate_fn=collate, generator=generator, drop_last=True)
-        steps_per_epoch = len(self.loader) // cfg.train.grad_accum
-        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-        self.engine = build_engine(self.vlm.model, cfg, self.total_steps)
+        t = cfg.train
+        samples_per_step = t.micro_batch_size * t.grad_accum  # per rank
+        steps_per_epoch = len(self.samples) // world_size() // samples_per_step
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+        self.engine = build_engine(self.vlm.model, cfg, self.total_steps, ds_config)
+        self.checkpoints = Checkpointer(self.out / "checkpoints", t.save_every, t.keep_checkpoints, samples_per_step)
+        self.start_step = self.checkpoints.restore(self.engine, t.resume)
+        sampler = ResumableSampler(len(self.samples), cfg.seed, rank(), world_size(),
+                                   start=self.start_step * samples_per_step)
+        self.loader = DataLoader(self.samples, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=collate)
 
     def train(self) -> dict:
-        return train_loop(self.engine, endless(self.loader), lambda batch: self.vlm.loss(batch, model=self.engine),
-                          self.total_steps, self.cfg.train, self.log, self.out / "train_log.jsonl", desc="finetune")
+        return train_loop(self.engine, iter(self.loader), lambda batch: self.vlm.loss(batch, model=self.engine),
+                          self.total_steps, self.cfg.train, self.log, self.out / "train_log.jsonl", desc="finetune",
+                          checkpoints=self.checkpoints, start_step=self.start_step)
 
     def save(self) -> Path:
         lora = self.cfg.lora.enabled
         target = save_model_folder(self.vlm.model, self.out / ("adapter" if lora else "model"),
-                                   None if lora else self.vlm.processor)
+                                   None if lora else self.vlm.processor, engine=self.engine)
         self.log.info("saved %s", target)
         return target
 
     def cleanup(self) -> None:
         self.engine.destroy()
+        release_deepspeed()
 
 
 def recipe_main(cfg: Config) -> dict:
@@ -74,7 +86,8 @@ def recipe_main(cfg: Config) -> dict:
     saved = recipe.save()
     recipe.cleanup()
     summary = train_summary(result, saved)
-    write_json(Path(cfg.output_dir) / "train_summary.json", summary)
+    if rank() == 0:
+        write_json(Path(cfg.output_dir) / "train_summary.json", summary)
     return summary
 
 

@@ -23,8 +23,11 @@ from defend.atomic import write_json
 from defend.config import Config
 from defend.data import Sample, load_samples
 from defend.data.bag_of_words import bag_of_words, caption_vocabulary
-from defend.engine.engine import build_engine
-from defend.engine.loop import endless, train_loop, train_summary
+from defend.data.sampler import ResumableSampler
+from defend.engine.checkpoint import Checkpointer
+from defend.engine.distributed import rank, world_size
+from defend.engine.engine import build_engine, prepare_deepspeed, release_deepspeed
+from defend.engine.loop import train_loop, train_summary
 from defend.models import load_model
 from defend.models.saving import save_model_folder
 from defend.models.vision import find_vision_tower, pooled_image_features
@@ -52,6 +55,7 @@ class PretrainVisionRecipe:
         cfg = self.cfg
         self.samples = load_samples(cfg.dataset)
         self.vocab = caption_vocabulary(self.samples, cfg.pretrain_vision.min_word_count)
+        ds_config = prepare_deepspeed(cfg)  # before loading: under ZeRO-3 the model is built sharded
         self.vlm = load_model(cfg)
         tower = find_vision_tower(self.vlm.model)
         self.classifier = BagOfWordsClassifier(tower, tower.config.hidden_size, len(self.vocab))
@@ -59,13 +63,18 @@ class PretrainVisionRecipe:
         self.log = start_run(cfg, "pretrain_vision")
         self.log.info("%d captioned images; %d words to predict: %s", len(self.samples), len(self.vocab),
                       " ".join(self.vocab[:30]) + (" ..." if len(self.vocab) > 30 else ""))
-        generator = torch.Generator().manual_seed(cfg.seed)
+        t = cfg.train
         self.flips = torch.Generator().manual_seed(cfg.seed + 1)
-        self.loader = DataLoader(self.samples, batch_size=cfg.train.micro_batch_size, shuffle=True,
-                                 collate_fn=self.collate, generator=generator, drop_last=True)
-        per_epoch = len(self.loader) // cfg.train.grad_accum
-        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
-        self.engine = build_engine(self.classifier, cfg, self.total_steps)
+        samples_per_step = t.micro_batch_size * t.grad_accum  # per rank
+        per_epoch = len(self.samples) // world_size() // samples_per_step
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+        self.engine = build_engine(self.classifier, cfg, self.total_steps, ds_config)
+        self.checkpoints = Checkpointer(self.out / "checkpoints", t.save_every, t.keep_checkpoints, samples_per_step,
+                                        generators={"hflip": self.flips})
+        self.start_step = self.checkpoints.restore(self.engine, t.resume)
+        sampler = ResumableSampler(len(self.samples), cfg.seed, rank(), world_size(),
+                                   start=self.start_step * samples_per_step)
+        self.loader = DataLoader(self.samples, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=self.collate)
         self.correct: list[float] = []
 
     def collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
@@ -85,8 +94,9 @@ class PretrainVisionRecipe:
         return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
 
     def train(self) -> dict:
-        return train_loop(self.engine, endless(self.loader), self.loss, self.total_steps, self.cfg.train,
-                          self.log, self.out / "train_log.jsonl", desc="pretrain_vision")
+        return train_loop(self.engine, iter(self.loader), self.loss, self.total_steps, self.cfg.train,
+                          self.log, self.out / "train_log.jsonl", desc="pretrain_vision",
+                          checkpoints=self.checkpoints, start_step=self.start_step)
 
     def save(self) -> Path:
         target = save_model_folder(self.vlm.model, self.out / "model", self.vlm.processor)
@@ -95,6 +105,7 @@ class PretrainVisionRecipe:
 
     def cleanup(self) -> None:
         self.engine.destroy()
+        release_deepspeed()
 
 
 def recipe_main(cfg: Config) -> dict:
@@ -103,9 +114,10 @@ def recipe_main(cfg: Config) -> dict:
     result = recipe.train()
     saved = recipe.save()
     recipe.cleanup()
-    last = recipe.correct[-cfg.train.log_every:]
+    last = recipe.correct[-cfg.train.log_every:] or [float("nan")]  # none when resumed at the end
     summary = train_summary(result, saved, bag_of_words_accuracy=sum(last) / len(last), vocabulary=recipe.vocab)
-    write_json(Path(cfg.output_dir) / "train_summary.json", summary)
+    if rank() == 0:
+        write_json(Path(cfg.output_dir) / "train_summary.json", summary)
     recipe.log.info("bag-of-words accuracy over the last %d steps: %.3f", len(last), summary["bag_of_words_accuracy"])
     return summary
 

@@ -17,19 +17,23 @@ IGNORE_INDEX = -100
 TOKEN_KEYS = {"input_ids": None, "attention_mask": 1, "token_type_ids": 1, "mm_token_type_ids": 0}
 
 
-def render_prompt(processor: Any, prompt: str) -> str:
-    """The text the processor expects for one image and one user prompt."""
+def render_prompt(processor: Any, prompt: str, with_image: bool = True) -> str:
+    """The text the processor expects for one user prompt, with one image or none."""
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        image = [{"type": "image"}] if with_image else []
+        messages = [{"role": "user", "content": [*image, {"type": "text", "text": prompt}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     image_token = getattr(processor, "image_token", None)
-    if getattr(processor, "num_query_tokens", None) is not None or image_token is None:
-        return prompt  # the processor places the image tokens itself (BLIP-2)
+    if not with_image or getattr(processor, "num_query_tokens", None) is not None or image_token is None:
+        return prompt  # no image, or the processor places the image tokens itself (BLIP-2)
     return f"{image_token}{prompt}"
 
 
 class Collator:
     """Callable that batches samples for training (``with_response``) or generation.
+
+    Samples without an image (``image: None``) become text-only rows; the image tensors of a batch
+    hold the images of the other rows, and a batch with none has no ``pixel_values``.
 
     Args:
         processor: the model's processor (tokenizer + image processor).
@@ -57,10 +61,9 @@ class Collator:
 
     def _encode(self, sample: Sample) -> dict[str, torch.Tensor]:
         image = sample.load_image()
-        if image is None:
-            raise DataError(f"{sample.source}: sample '{sample.id}' has no image.")
-        text = render_prompt(self.processor, sample.prompt)
-        encoded = self.processor(images=[image], text=[text], return_tensors="pt")
+        text = render_prompt(self.processor, sample.prompt, with_image=image is not None)
+        images = {"images": [image]} if image is not None else {}
+        encoded = self.processor(text=[text], return_tensors="pt", **images)
         row = {k: v[0] for k, v in encoded.items() if k in TOKEN_KEYS}
         # labels are built here; some processors (PaliGemma) return prompt-only ones of their own
         extras = {k: v for k, v in encoded.items() if k not in TOKEN_KEYS and k != "labels"}
@@ -91,8 +94,9 @@ class Collator:
         longest = max(r["input_ids"].shape[0] for r in rows)
         pad_values = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX}
         batch: dict[str, Any] = {}
-        for key in rows[0]:
-            values = [r[key] for r in rows]
+        keys = list(dict.fromkeys(k for r in rows for k in r))  # text-only rows lack the image keys
+        for key in keys:
+            values = [r[key] for r in rows if key in r]
             if key in TOKEN_KEYS or key == "labels":
                 fill = pad_values.get(key, 0)
                 padded = torch.full((len(rows), longest), fill, dtype=values[0].dtype)

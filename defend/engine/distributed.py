@@ -14,19 +14,21 @@ def free_port() -> int:
 
 
 def init_distributed() -> None:
-    """Initialise torch.distributed through DeepSpeed; a lone process becomes rank 0 of 1."""
+    """Join (or, for a lone process, create as rank 0 of 1) the process group, through DeepSpeed.
+
+    torchrun, the deepspeed launcher and Slurm set RANK/WORLD_SIZE/MASTER_*; Ray Train creates the
+    group itself before the recipe runs.
+    """
     import deepspeed
     import deepspeed.ops
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
-    if torch.distributed.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
     # DeepSpeed JIT-compiles a shared-memory allreduce op with gcc on every CPU init (40-95 s);
     # gloo's allreduce is enough for CPU runs, so mark the op unavailable and skip the build.
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    if not torch.distributed.is_initialized() and "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
 
@@ -37,3 +39,8 @@ def world_size() -> int:
 
 def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,60 +1,104 @@
-"""The training loop every training recipe shares: steps on a DeepSpeed engine, progress, loss log."""
+"""The training loop every training recipe shares: steps on a DeepSpeed engine, progress, loss log,
+checkpoints, and a clean stop on a preemption signal."""
 from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from defend.config import TrainConfig
+from defend.engine.checkpoint import Checkpointer
 from defend.engine.distributed import rank
+from defend.engine.preemption import StopRequest, TrainingStopped
 
 
-def endless(loader) -> Iterator[Any]:
-    """Batches of ``loader``, epoch after epoch."""
-    while True:
-        yield from loader
+def keep_log_until(log_path: Path, step: int) -> None:
+    """Drop the records after ``step`` (a resumed run rewrites them); none at all when ``step`` is 0."""
+    if rank() != 0 or not log_path.exists():
+        return
+    if step == 0:
+        log_path.unlink()
+        return
+    kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    log_path.write_text("".join(line + "\n" for line in kept))
 
 
 def train_loop(engine, batches: Iterator[Any], loss_fn: Callable[[Any], Any], total_steps: int,
-               train: TrainConfig, log: logging.Logger, log_path: Path, desc: str = "train") -> dict:
-    """Run ``total_steps`` optimizer steps of ``loss_fn(batch)`` (``train.grad_accum`` micro-batches each).
+               train: TrainConfig, log: logging.Logger, log_path: Path, desc: str = "train",
+               checkpoints: Checkpointer | None = None, start_step: int = 0) -> dict:
+    """Run optimizer steps ``start_step+1 .. total_steps`` of ``loss_fn(batch)`` (``train.grad_accum``
+    micro-batches each).
 
     Appends ``{"step", "loss", "lr", "elapsed_s"}`` to ``log_path`` every ``train.log_every`` steps.
-    Returns the per-step losses and the wall time.
+    With ``checkpoints``: saves every ``train.save_every`` steps, and on SIGTERM/SIGUSR1 saves and
+    raises ``TrainingStopped``. Returns the per-step losses of this run and its wall time.
     """
     engine.train()
-    step, losses, started = 0, [], time.perf_counter()
-    log_path.unlink(missing_ok=True)
-    progress = tqdm(total=total_steps, desc=desc, disable=rank() != 0)
-    while step < total_steps:
-        window = []
-        for _ in range(train.grad_accum):
-            loss = loss_fn(next(batches))
-            engine.backward(loss)
-            engine.step()
-            window.append(loss.item())
-        step += 1
-        losses.append(sum(window) / len(window))
-        progress.update(1)
-        progress.set_postfix(loss=f"{losses[-1]:.4f}")
-        if step % train.log_every == 0 or step == total_steps:
-            recent = losses[-train.log_every:]
-            record = {"step": step, "loss": sum(recent) / len(recent), "lr": engine.get_lr()[0],
-                      "elapsed_s": round(time.perf_counter() - started, 2)}
-            if rank() == 0:
-                with log_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            log.info("step %d/%d loss %.4f lr %.2e", step, total_steps, record["loss"], record["lr"])
-    progress.close()
-    return {"steps": step, "losses": losses, "train_seconds": round(time.perf_counter() - started, 2)}
+    step, losses, started = start_step, [], time.perf_counter()
+    keep_log_until(log_path, start_step)
+    if start_step:
+        log.info("resumed at step %d of %d", start_step, total_steps)
+    stop = StopRequest() if checkpoints else None
+    progress = tqdm(total=total_steps, initial=start_step, desc=desc, disable=rank() != 0)
+    try:
+        while step < total_steps:
+            window = []
+            for _ in range(train.grad_accum):
+                loss = loss_fn(next(batches))
+                engine.backward(loss)
+                engine.step()
+                window.append(loss.item())
+            step += 1
+            losses.append(sum(window) / len(window))
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.4f}")
+            if step % train.log_every == 0 or step == total_steps:
+                recent = losses[-train.log_every:]
+                record = {"step": step, "loss": sum(recent) / len(recent), "lr": engine.get_lr()[0],
+                          "elapsed_s": round(time.perf_counter() - started, 2)}
+                if rank() == 0:
+                    with log_path.open("a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                log.info("step %d/%d loss %.4f lr %.2e", step, total_steps, record["loss"], record["lr"])
+            if checkpoints is None:
+                continue
+            stopping = stop.requested() and step < total_steps
+            if checkpoints.due(step) or stopping:
+                folder = checkpoints.save(engine, step)
+                log.info("checkpoint %s", folder)
+                if stopping:
+                    raise TrainingStopped(step, folder, stop.received)
+    finally:
+        progress.close()
+        if stop is not None:
+            stop.close()
+    return {"steps": step, "losses": losses, "train_seconds": round(time.perf_counter() - started, 2),
+            "peak_memory_mb_per_rank": peak_memory_per_rank()}
+
+
+def peak_memory_per_rank() -> list[float]:
+    """Peak memory of each rank in MiB: GPU memory allocated on CUDA, resident set size on CPU."""
+    if torch.cuda.is_available():
+        mine = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if not torch.distributed.is_initialized():
+        return [round(mine, 1)]
+    every: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, round(mine, 1))
+    return every
 
 
 def train_summary(result: dict, saved: Path, **extra: Any) -> dict:
     """What a training recipe returns and writes to ``train_summary.json``."""
-    return {"steps": result["steps"], "first_loss": result["losses"][0], "final_loss": result["losses"][-1],
-            **extra, "train_seconds": result["train_seconds"], "saved": str(saved)}
+    losses = result["losses"] or [None]  # none when resumed from the last step's checkpoint
+    return {"steps": result["steps"], "first_loss": losses[0], "final_loss": losses[-1],
+            **extra, "train_seconds": result["train_seconds"],
+            "peak_memory_mb_per_rank": result["peak_memory_mb_per_rank"], "saved": str(saved)}

@@ -31,9 +31,12 @@ def resolve_model_path(cfg: Config) -> Path:
 
 
 def quantization_config(cfg: Config) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quant.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[rf".*\b{name}" for name in VISION_MODULE_NAMES])
     if not cfg.quant.load_in_4bit:
         return None
-    from transformers import BitsAndBytesConfig
 
     compute = DTYPES[cfg.model.dtype]
     return BitsAndBytesConfig(
@@ -62,10 +65,18 @@ def load_pretrained(cfg: Config) -> tuple[torch.nn.Module, Any]:
         path,
         dtype=DTYPES[cfg.model.dtype],
         quantization_config=quantization_config(cfg),
+        device_map=cfg.model.device_map,
         trust_remote_code=remote,
     )
     if cfg.model.vision_tower_from:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
         from defend.models.vision import load_vision_tower
+
+        if is_deepspeed_zero3_enabled():
+            raise ConfigError(
+                "model.vision_tower_from under ZeRO-3: the encoder cannot be copied into a sharded model."
+                " Run this stage with deepspeed=zero2 (its saved model then holds the encoder).")
 
         load_vision_tower(model, cfg.model.vision_tower_from, remote)
     if cfg.model.adapter:

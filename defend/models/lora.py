@@ -27,7 +27,7 @@ def language_model_linear_names(model: torch.nn.Module) -> list[str]:
     try:
         import bitsandbytes as bnb
 
-        linear_types += (bnb.nn.Linear4bit,)
+        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     except ImportError:
         pass
     # the output head is no decoder layer, though some get_decoder()s (BLIP-2's OPTForCausalLM) hold it

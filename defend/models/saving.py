@@ -1,4 +1,8 @@
-"""Write a trained model (or adapter) folder in one atomic step, from rank 0 only."""
+"""Write a trained model (or adapter) folder in one atomic step, from rank 0 only.
+
+Under ZeRO-3 every rank holds a shard of each parameter; the weights are gathered first (all ranks
+take part), so the saved folder is whole and loads with ``from_pretrained`` on one process.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,14 +11,48 @@ from typing import Any
 import torch
 
 from defend.atomic import atomic_dir
-from defend.engine.distributed import rank
+from defend.engine.distributed import barrier, rank
 
 
-def save_model_folder(model: torch.nn.Module, target: Path, processor: Any | None = None) -> Path:
-    """``save_pretrained`` of ``model`` (and ``processor``) into ``target``: peft models write an adapter."""
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """True when ZeRO-3 has sharded ``model``'s parameters."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def gathered_state_dict(model: torch.nn.Module, engine: Any | None = None) -> dict[str, torch.Tensor] | None:
+    """The full weights to save from a ZeRO-3 model (on rank 0; None elsewhere and when unsharded).
+
+    A peft model saves its trainable (adapter) weights only, so only those are gathered; a fully
+    trained model is consolidated by the engine (``stage3_gather_16bit_weights_on_model_save``).
+    """
+    if not is_partitioned(model):
+        return None
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) or engine is None:
+        import deepspeed
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not isinstance(model, PeftModel)]
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            state = {n: p.detach().cpu().clone() for n, p in named} if rank() == 0 else None
+        return state
+    return engine._zero3_consolidated_16bit_state_dict()
+
+
+def save_model_folder(model: torch.nn.Module, target: Path, processor: Any | None = None,
+                      engine: Any | None = None) -> Path:
+    """``save_pretrained`` of ``model`` (and ``processor``) into ``target``: peft models write an adapter.
+
+    Every rank must call it (ZeRO-3 gathers collectively); rank 0 writes.
+    """
+    state = gathered_state_dict(model, engine)
     if rank() == 0:
         with atomic_dir(target) as tmp:
-            model.save_pretrained(tmp)
+            if state is None:
+                model.save_pretrained(tmp)
+            else:
+                model.save_pretrained(tmp, state_dict=state)
             if processor is not None:
                 processor.save_pretrained(tmp)
+    barrier()
     return target

@@ -5,6 +5,7 @@ Tests and the demo use them; real users point ``model.path`` at a real checkpoin
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -165,5 +166,9 @@ def tiny_model_path(tiny: TinyConfig, family: str, seed: int = 0) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = cache_root() / "tiny" / f"{tiny.arch}-{family}-{digest}"
     if not (path / "defend_tiny.json").is_file():
-        build_tiny_model(tiny, family, path, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "w") as lock:  # ranks of one run build it once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (path / "defend_tiny.json").is_file():
+                build_tiny_model(tiny, family, path, seed)
     return path

@@ -1,0 +1,57 @@
+"""Stop on SIGTERM / SIGUSR1 at the next step boundary, after a checkpoint (Slurm preemption, or a
+scheduler's warning signal before the time limit)."""
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import torch
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# exit status of a run stopped by a signal after saving its checkpoint (EX_TEMPFAIL: "try again")
+STOPPED_EXIT_CODE = 75
+
+
+class TrainingStopped(Exception):
+    """A signal asked the run to stop; its state is saved in ``checkpoint``."""
+
+    def __init__(self, step: int, checkpoint: Path, signal_name: str):
+        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
+        super().__init__(
+            f"{signal_name} received: stopped after step {step}, checkpoint {checkpoint}. Run the same"
+            " command again to resume from it (train.resume=auto)."
+        )
+
+
+class StopRequest:
+    """Remembers a stop signal; ``requested()`` is true on every rank once any rank got one.
+
+    Handlers are only installed from the main thread (Python's rule); elsewhere (e.g. a Ray Train
+    worker thread) the launcher's own stop path applies.
+    """
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.received: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        distributed = torch.distributed.is_initialized()
+        nccl = distributed and torch.distributed.get_backend() == "nccl"
+        flag = torch.tensor([1 if self.received else 0], device="cuda" if nccl else "cpu")
+        if distributed:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not self.received:
+                self.received = "a stop signal on another rank"
+        return bool(flag.item())
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
