@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from defend.atomic import write_json
@@ -60,7 +61,8 @@ class FinetuneRecipe:
         self.start_step = self.checkpoints.restore(self.engine, t.resume)
         sampler = ResumableSampler(len(self.samples), cfg.seed, rank(), world_size(),
                                    start=self.start_step * samples_per_step)
-        self.loader = DataLoader(self.samples, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=collate)
+        self.loader = DataLoader(self.samples, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=collate,
+                                 generator=torch.Generator())  # never draws from the global RNG
 
     def train(self) -> dict:
         return train_loop(self.engine, iter(self.loader), lambda batch: self.vlm.loss(batch, model=self.engine),

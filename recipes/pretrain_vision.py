@@ -74,7 +74,8 @@ class PretrainVisionRecipe:
         self.start_step = self.checkpoints.restore(self.engine, t.resume)
         sampler = ResumableSampler(len(self.samples), cfg.seed, rank(), world_size(),
                                    start=self.start_step * samples_per_step)
-        self.loader = DataLoader(self.samples, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=self.collate)
+        self.loader = DataLoader(self.samples, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=self.collate,
+                                 generator=torch.Generator())  # never draws from the global RNG
         self.correct: list[float] = []
 
     def collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:

@@ -69,6 +69,7 @@ class Checkpointer:
         tag = f"step_{step:06d}"
         folder = self.root / tag
         engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+        folder.mkdir(parents=True, exist_ok=True)
         torch.save(random_states(self.generators), folder / f"rng_rank{rank()}.pt")
         barrier()
         if rank() == 0:

@@ -64,8 +64,10 @@ class MaskedDiffusionVLM(VisionLanguageModel):
         ) + self.vision_guard(batch)
 
     def image_features(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Projected vision features of the batch, (n_image_tokens, hidden)."""
+        """Projected vision features of the batch, (n_image_tokens, hidden); none for a text-only batch."""
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if "pixel_values" not in batch:
+            return torch.empty(0, base.config.get_text_config().hidden_size)
         out = base.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
         return torch.cat(list(out.pooler_output), dim=0)
 

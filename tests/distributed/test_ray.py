@@ -41,12 +41,11 @@ def test_a_cluster_too_small_fails_in_bounded_time_naming_the_missing_resources(
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats",
-             f"--temp-dir={tmp_path / 'ray'}"]
+             f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats"]
     subprocess.run(start, check=True, capture_output=True, timeout=120, env=env)
     try:
         yield f"http://127.0.0.1:{dashboard}"
