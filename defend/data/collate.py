@@ -13,6 +13,7 @@ import torch
 from defend.data.samples import DataError, Sample
 
 IGNORE_INDEX = -100
+IMAGE_PADDING_ID = "__image_padding__"  # the id of the row that pads an image-free training batch
 # per-token processor outputs: padded, and extended over the response with these values
 TOKEN_KEYS = {"input_ids": None, "attention_mask": 1, "token_type_ids": 1, "mm_token_type_ids": 0}
 
@@ -33,7 +34,12 @@ class Collator:
     """Callable that batches samples for training (``with_response``) or generation.
 
     Samples without an image (``image: None``) become text-only rows; the image tensors of a batch
-    hold the images of the other rows, and a batch with none has no ``pixel_values``.
+    hold the images of the other rows. A training batch with no image at all gets one extra row: a
+    black image, an empty prompt, no label (``IMAGE_PADDING_ID``). Under ZeRO-3 the ranks gather each
+    layer's weights together, in the order the forward reaches them; a rank whose batch is all text
+    would skip the vision tower while the others wait inside it, and hang. With the padding row every
+    rank's model runs its own full forward, vision first; the row has no label, so it adds nothing
+    to the loss or the gradients. Generation batches are never padded.
 
     Args:
         processor: the model's processor (tokenizer + image processor).
@@ -89,8 +95,17 @@ class Collator:
             )
         return {**row, **extras}
 
+    def image_padding_row(self) -> dict[str, torch.Tensor]:
+        from PIL import Image
+
+        row = self._encode(Sample(id=IMAGE_PADDING_ID, image=Image.new("RGB", (224, 224)), prompt=" ", response=""))
+        row["labels"] = torch.full_like(row["labels"], IGNORE_INDEX)
+        return row
+
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
         rows = [self._encode(s) for s in samples]
+        if self.with_response and not any("pixel_values" in r for r in rows):
+            rows.append(self.image_padding_row())
         longest = max(r["input_ids"].shape[0] for r in rows)
         pad_values = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX}
         batch: dict[str, Any] = {}

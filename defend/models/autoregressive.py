@@ -13,7 +13,7 @@ class AutoregressiveVLM(VisionLanguageModel):
 
     def loss(self, batch: dict[str, Any], model: torch.nn.Module | None = None) -> torch.Tensor:
         model = model or self.model
-        return model(**self.model_inputs(batch), labels=batch["labels"]).loss + self.vision_guard(batch)
+        return model(**self.model_inputs(batch), labels=batch["labels"]).loss
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any]) -> list[str]:

@@ -61,7 +61,7 @@ class MaskedDiffusionVLM(VisionLanguageModel):
             inverse_t_weight=d.inverse_t_weight,
             complementary_mask=d.complementary_mask,
             shifted_logits=d.shifted_logits,
-        ) + self.vision_guard(batch)
+        )
 
     def image_features(self, batch: dict[str, Any]) -> torch.Tensor:
         """Projected vision features of the batch, (n_image_tokens, hidden); none for a text-only batch."""

@@ -25,7 +25,8 @@ def masked_diffusion_loss(
 
     Per row ``t ~ U(0,1)`` and ``p = (1-eps) t + eps``; each response token is masked with
     probability ``p``; the loss is the CE on masked tokens, weighted by ``1/p`` (LLaDA) or not
-    (Dream), summed per row, divided by the row's response length, averaged over rows.
+    (Dream), summed per row, divided by the row's response length, averaged over the rows that have a
+    response.
 
     Args:
         logits_fn: maps noised ``input_ids`` (rows may be doubled, see below) to logits.
@@ -56,4 +57,5 @@ def masked_diffusion_loss(
     weight = torch.cat(weights).expand_as(token_ce)
     answer_len = response_mask.sum(1, keepdim=True).clamp(min=1).repeat(len(masks), 1)
     per_token = token_ce * weight * masks_t / answer_len
-    return per_token.sum() / batch
+    rows = response_mask.any(1).sum().clamp(min=1)  # rows without a response (image padding) do not count
+    return per_token.sum() / rows

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_model
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -124,7 +125,11 @@ def save_tiny(model: PreTrainedModel, processor: Any, tiny: TinyConfig, family: 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        # written by hand, not model.save_pretrained: that one writes nothing on a rank other than 0,
+        # and whichever rank of a distributed run gets the build lock first builds the model
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         processor.save_pretrained(tmp)
         (tmp / "defend_tiny.json").write_text(json.dumps({"family": family, **vars(tiny)}))
     return Path(out_dir)

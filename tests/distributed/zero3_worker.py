@@ -1,5 +1,5 @@
 """Run by torchrun (2 ranks) from test_zero3_model.py: a ZeRO-3 LoRA fine-tune through the finetune
-recipe, then steps where one rank's batch has no image at all while the other's has images, then
+recipe, then steps where one rank's samples have no image at all while the other's have images, then
 the adapter save and the trained model's logits on a fixed batch (rank 0 writes them)."""
 import sys
 from pathlib import Path
@@ -27,7 +27,8 @@ image = recipe.samples[0].image
 rows = [Sample(id=f"m{i}", image=None if rank() == 0 else image, prompt="what color is the shape?",
                response="red") for i in range(4)]
 batch = recipe.vlm.train_collator()(rows)
-assert ("pixel_values" in batch) == (rank() == 1)
+# rank 0: four text rows plus the collator's label-free blank-image row; rank 1: four image rows
+assert batch["input_ids"].shape[0] == (5 if rank() == 0 else 4) and batch["pixel_values"].shape[0] == (1 if rank() == 0 else 4)
 for _ in range(2):
     loss = recipe.vlm.loss(batch, model=recipe.engine)
     recipe.engine.backward(loss)
