@@ -17,7 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from defend.engine.distributed import free_port
 
 MODEL = ["model.path=tiny", "dataset.name=easy_vqa", "dataset.max_samples=4000", "train.micro_batch_size=16",
          "train.max_length=128", "train.log_every=10", "seed=0"]
@@ -35,8 +34,7 @@ WARMUP = 10
 
 
 def torchrun(nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def ours(nproc: int, overrides: list[str], steps: int, work: Path) -> dict:

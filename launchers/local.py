@@ -24,11 +24,11 @@ def rank_command(recipe: str, config: str, overrides: list[str]) -> list[str]:
 
 
 def launch_command(launcher: str, nproc: int, recipe: str, config: str, overrides: list[str]) -> list[str]:
-    port = str(free_port())
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                "--master_addr=127.0.0.1", f"--master_port={port}", *rank_command(recipe, config, overrides)]
+    if launcher == "torchrun":  # standalone: a local rendezvous on a port the agent holds (no race)
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                *rank_command(recipe, config, overrides)]
     if launcher == "deepspeed":
+        port = str(free_port())
         beside_python = Path(sys.executable).with_name("deepspeed")  # the venv's, when not on PATH
         deepspeed = str(beside_python) if beside_python.is_file() else shutil.which("deepspeed") or "deepspeed"
         module = rank_command(recipe, config, overrides)[1:]  # the launcher adds "python -m"

@@ -92,6 +92,9 @@ def run_on_ray(recipe: str, config: str, overrides: list[str], cfg: Config) -> i
     if embedded:
         ensure_local_ray_config()
     env = worker_env(cfg)
+    # inside `ray job submit --runtime-env-json ...`, merge our env vars into the job's instead of
+    # failing on keys both set (Ray's own switch)
+    os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, include_dashboard=False if embedded else None,
              **({"_node_ip_address": "127.0.0.1"} if embedded else {}))
     try:

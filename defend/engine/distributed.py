@@ -26,10 +26,13 @@ def init_distributed() -> None:
     # DeepSpeed JIT-compiles a shared-memory allreduce op with gcc on every CPU init (40-95 s);
     # gloo's allreduce is enough for CPU runs, so mark the op unavailable and skip the build.
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
-    if not torch.distributed.is_initialized() and "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    launched = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+    if not torch.distributed.is_initialized() and not launched:
+        # a lone process: a group of one over an in-memory store (no port to bind, none to collide);
+        # the address variables only tell DeepSpeed that no MPI discovery is needed
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend)
 
 

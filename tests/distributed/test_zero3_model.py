@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from defend.config import load_config
-from defend.engine.distributed import free_port
 from defend.models import load_model
 from tests.distributed.runs import SMALL_RUN
 
@@ -20,8 +19,7 @@ WORKER = Path(__file__).with_name("zero3_worker.py")
 def test_zero3_adapter_roundtrip_with_mixed_batches(tmp_path, family):
     out = tmp_path / "run"
     out.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", str(WORKER), str(out), family,
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(WORKER), str(out), family,
                *SMALL_RUN, "deepspeed=zero3", "train.max_steps=2"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     # a hang (a rank waiting in the vision tower for the other) ends in the timeout, as a failure
