@@ -2,7 +2,7 @@
 QLoRA on the tiny model, 1 and 2 processes, and the ratio of our step time to a plain DeepSpeed
 loop (bench/reference_loop.py) with the same model, batches and config, measured in the same run.
 
-    python bench/train_throughput.py [--steps 40] [--out bench/train.json]
+    python bench/train_throughput.py [--steps 60] [--repeats 3] [--out bench/train.json]
 
 Times cover the steps after the first 10 (warm-up), from the recipe's own loss log.
 """
@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,8 +60,9 @@ def reference(nproc: int, overrides: list[str], steps: int, work: Path) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", default="bench/train.json")
+    parser.add_argument("--repeats", type=int, default=3, help="ours/reference pairs per zero2 case (median)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,9 +73,13 @@ def main() -> None:
             row = {"case": name, "nproc": nproc, "samples_per_second": round(samples, 1),
                    "step_seconds": round(result["step_seconds"], 4),
                    "peak_memory_mb_per_rank": result["peak_memory_mb_per_rank"]}
-            if name == "zero2":  # the plain DeepSpeed loop, same model/batches/config, same run
-                base = reference(nproc, overrides, args.steps, work)
-                row.update(reference_step_seconds=round(base, 4), ratio_to_reference=round(result["step_seconds"] / base, 3))
+            if name == "zero2":  # the plain DeepSpeed loop, same model/batches/config, same run, interleaved
+                pairs = [(ours(nproc, overrides, args.steps, work)["step_seconds"],
+                          reference(nproc, overrides, args.steps, work)) for _ in range(args.repeats)]
+                ratios = sorted(a / b for a, b in pairs)
+                row.update(reference_step_seconds=round(statistics.median(b for _, b in pairs), 4),
+                           ratio_to_reference=round(statistics.median(ratios), 3),
+                           ratios=[round(r, 3) for r in ratios])
             rows.append(row)
             print(json.dumps(row), flush=True)
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

@@ -42,7 +42,7 @@ class StopRequest:
         self.received = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        distributed = torch.distributed.is_initialized()
+        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         nccl = distributed and torch.distributed.get_backend() == "nccl"
         flag = torch.tensor([1 if self.received else 0], device="cuda" if nccl else "cpu")
         if distributed:

@@ -47,6 +47,7 @@ def test_adapter_saved_under_zero3_is_whole_and_loads_with_peft(stage_runs):
 
 
 @pytest.mark.parametrize("family, stage, quant", [
+    ("mdlm", "zero2", "false"),
     ("mdlm", "zero3", "false"),
     ("mllm", "zero2", "true"),
     ("mllm", "zero3", "true"),
