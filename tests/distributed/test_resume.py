@@ -88,3 +88,16 @@ def test_resuming_with_another_world_size_fails_clearly(tmp_path):
     done = finetune(out, "train.max_steps=4", "deepspeed=zero2", check=False)
     assert done.returncode == 2
     assert "written by 2 ranks and this run has 1" in done.stderr and "nproc=2" in done.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_either_stop_signal_is_recorded_and_the_old_handler_restored(sig):
+    from defend.engine.preemption import StopRequest
+
+    before = signal.getsignal(sig)
+    stop = StopRequest()
+    assert not stop.requested()
+    signal.raise_signal(sig)
+    assert stop.requested() and stop.received == sig.name
+    stop.close()
+    assert signal.getsignal(sig) == before
