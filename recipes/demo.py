@@ -29,7 +29,7 @@ from pathlib import Path
 import defend
 from defend.atomic import atomic_dir, write_json, write_text
 from defend.cli import run_recipe
-from defend.config import Config, load_config
+from defend.config import Config, ConfigError, load_config
 from defend.models.tiny import cache_root
 from defend.run_dir import start_run
 
@@ -118,6 +118,9 @@ def family_table(family: str, result: dict) -> str:
 
 
 def recipe_main(cfg: Config) -> dict:
+    unknown = set(cfg.demo.finetune_overrides) - set(cfg.demo.families)
+    if unknown:
+        raise ConfigError(f"demo.finetune_overrides: {sorted(unknown)} not in demo.families {cfg.demo.families}.")
     log = start_run(cfg, "demo")
     out = Path(cfg.output_dir)
     started = time.perf_counter()

@@ -11,20 +11,17 @@ training. Any number of ranks, any ZeRO stage (``deepspeed=``): the same file.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
 
 from defend.atomic import write_json
 from defend.config import Config
 from defend.data import load_samples
-from defend.data.sampler import ResumableSampler
+from defend.data.sampler import resumable_loader
 from defend.engine.checkpoint import Checkpointer
-from defend.engine.distributed import rank, world_size
+from defend.engine.distributed import rank
 from defend.engine.engine import build_engine, prepare_deepspeed, release_deepspeed
-from defend.engine.loop import train_loop, train_summary
+from defend.engine.loop import total_steps, train_loop, train_summary
 from defend.models import load_model
 from defend.models.lora import apply_lora
 from defend.models.saving import save_model_folder
@@ -52,17 +49,11 @@ class FinetuneRecipe:
         trainable = sum(p.numel() for p in self.vlm.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.vlm.model.parameters())
         self.log.info("%d samples; trainable params %d of %d", len(self.samples), trainable, total)
-        t = cfg.train
-        samples_per_step = t.micro_batch_size * t.grad_accum  # per rank
-        steps_per_epoch = len(self.samples) // world_size() // samples_per_step
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+        self.total_steps = total_steps(cfg.train, len(self.samples))
         self.engine = build_engine(self.vlm.model, cfg, self.total_steps, ds_config)
-        self.checkpoints = Checkpointer(self.out / "checkpoints", t.save_every, t.keep_checkpoints, samples_per_step)
-        self.start_step = self.checkpoints.restore(self.engine, t.resume)
-        sampler = ResumableSampler(len(self.samples), cfg.seed, rank(), world_size(),
-                                   start=self.start_step * samples_per_step)
-        self.loader = DataLoader(self.samples, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=collate,
-                                 generator=torch.Generator())  # never draws from the global RNG
+        self.checkpoints = Checkpointer.for_run(cfg)
+        self.start_step = self.checkpoints.restore(self.engine, cfg.train.resume)  # 0 on a fresh run
+        self.loader = resumable_loader(self.samples, collate, cfg, self.start_step)
 
     def train(self) -> dict:
         return train_loop(self.engine, iter(self.loader), lambda batch: self.vlm.loss(batch, model=self.engine),

@@ -13,21 +13,19 @@ not what needs spatial structure (shape); direct supervision of the encoder lear
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from defend.atomic import write_json
 from defend.config import Config
 from defend.data import Sample, load_samples
 from defend.data.bag_of_words import bag_of_words, caption_vocabulary
-from defend.data.sampler import ResumableSampler
+from defend.data.sampler import resumable_loader
 from defend.engine.checkpoint import Checkpointer
-from defend.engine.distributed import rank, world_size
+from defend.engine.distributed import rank
 from defend.engine.engine import build_engine, prepare_deepspeed, release_deepspeed
-from defend.engine.loop import train_loop, train_summary
+from defend.engine.loop import total_steps, train_loop, train_summary
 from defend.models import load_model
 from defend.models.saving import save_model_folder
 from defend.models.vision import find_vision_tower, pooled_image_features
@@ -63,19 +61,12 @@ class PretrainVisionRecipe:
         self.log = start_run(cfg, "pretrain_vision")
         self.log.info("%d captioned images; %d words to predict: %s", len(self.samples), len(self.vocab),
                       " ".join(self.vocab[:30]) + (" ..." if len(self.vocab) > 30 else ""))
-        t = cfg.train
         self.flips = torch.Generator().manual_seed(cfg.seed + 1)
-        samples_per_step = t.micro_batch_size * t.grad_accum  # per rank
-        per_epoch = len(self.samples) // world_size() // samples_per_step
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+        self.total_steps = total_steps(cfg.train, len(self.samples))
         self.engine = build_engine(self.classifier, cfg, self.total_steps, ds_config)
-        self.checkpoints = Checkpointer(self.out / "checkpoints", t.save_every, t.keep_checkpoints, samples_per_step,
-                                        generators={"hflip": self.flips})
-        self.start_step = self.checkpoints.restore(self.engine, t.resume)
-        sampler = ResumableSampler(len(self.samples), cfg.seed, rank(), world_size(),
-                                   start=self.start_step * samples_per_step)
-        self.loader = DataLoader(self.samples, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=self.collate,
-                                 generator=torch.Generator())  # never draws from the global RNG
+        self.checkpoints = Checkpointer.for_run(cfg, generators={"hflip": self.flips})
+        self.start_step = self.checkpoints.restore(self.engine, cfg.train.resume)  # 0 on a fresh run
+        self.loader = resumable_loader(self.samples, self.collate, cfg, self.start_step)
         self.correct: list[float] = []
 
     def collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
+
+from defend.config import Config, TrainConfig
+from defend.engine.distributed import rank, world_size
 
 
 class ResumableSampler(Sampler[int]):
@@ -36,3 +39,16 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:  # one epoch of this rank
         return self.per_rank
+
+
+def samples_per_step(train: TrainConfig) -> int:
+    """Samples one rank reads per optimizer step."""
+    return train.micro_batch_size * train.grad_accum
+
+
+def resumable_loader(samples: list, collate, cfg: Config, start_step: int = 0) -> DataLoader:
+    """Endless micro-batches of this rank's samples, from optimizer step ``start_step`` on."""
+    sampler = ResumableSampler(len(samples), cfg.seed, rank(), world_size(),
+                               start=start_step * samples_per_step(cfg.train))
+    return DataLoader(samples, batch_size=cfg.train.micro_batch_size, sampler=sampler, collate_fn=collate,
+                      generator=torch.Generator())  # never draws from the global RNG (exact resume)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from defend.atomic import write_json
-from defend.config import ConfigError
+from defend.config import Config, ConfigError
 from defend.engine.distributed import barrier, rank, world_size
 
 STATE_FILE = "trainer_state.json"
@@ -60,6 +60,15 @@ class Checkpointer:
     keep: int
     samples_per_step: int
     generators: dict[str, torch.Generator] = field(default_factory=dict)
+
+    @classmethod
+    def for_run(cls, cfg: Config, generators: dict[str, torch.Generator] | None = None) -> Checkpointer:
+        """The checkpoints of the run ``cfg`` describes, under ``output_dir/checkpoints``."""
+        from defend.data.sampler import samples_per_step
+
+        t = cfg.train
+        return cls(Path(cfg.output_dir) / "checkpoints", t.save_every, t.keep_checkpoints, samples_per_step(t),
+                   generators or {})
 
     def due(self, step: int) -> bool:
         return bool(self.save_every) and step % self.save_every == 0

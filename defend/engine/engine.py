@@ -65,15 +65,11 @@ def warmup_cosine(total_steps: int, warmup_ratio: float):
     return factor
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, total_steps: int, ds_config: dict[str, Any] | None = None):
-    """A DeepSpeed engine for ``model`` at any world size (1 included).
-
-    ``ds_config``: what ``prepare_deepspeed`` returned (resolved here when the recipe did not need it
-    before loading, i.e. below ZeRO-3).
-    """
+def build_engine(model: torch.nn.Module, cfg: Config, total_steps: int, ds_config: dict[str, Any]):
+    """A DeepSpeed engine for ``model`` at any world size (1 included); ``ds_config`` is what
+    ``prepare_deepspeed`` returned before the model was loaded."""
     import deepspeed
 
-    ds_config = ds_config or prepare_deepspeed(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     factor = warmup_cosine(total_steps, cfg.train.warmup_ratio)
     engine, _, _, _ = deepspeed.initialize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -15,8 +16,14 @@ from tqdm import tqdm
 
 from defend.config import TrainConfig
 from defend.engine.checkpoint import Checkpointer
-from defend.engine.distributed import rank
+from defend.engine.distributed import rank, world_size
 from defend.engine.preemption import StopRequest, TrainingStopped
+
+
+def total_steps(train: TrainConfig, n_samples: int) -> int:
+    """``train.max_steps``, or ``train.epochs`` over ``n_samples`` split across the ranks."""
+    per_epoch = n_samples // world_size() // (train.micro_batch_size * train.grad_accum)
+    return train.max_steps or max(1, math.ceil(train.epochs * per_epoch))
 
 
 def keep_log_until(log_path: Path, step: int) -> None:

@@ -27,16 +27,15 @@ def gathered_state_dict(model: torch.nn.Module, engine: Any | None = None) -> di
     """
     if not is_partitioned(model):
         return None
+    import deepspeed
     from peft import PeftModel
 
-    if isinstance(model, PeftModel) or engine is None:
-        import deepspeed
-
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not isinstance(model, PeftModel)]
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            state = {n: p.detach().cpu().clone() for n, p in named} if rank() == 0 else None
-        return state
-    return engine._zero3_consolidated_16bit_state_dict()
+    adapter_only = isinstance(model, PeftModel)
+    if engine is not None and not adapter_only:
+        return engine._zero3_consolidated_16bit_state_dict()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not adapter_only]
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        return {n: p.detach().cpu().clone() for n, p in named} if rank() == 0 else None
 
 
 def save_model_folder(model: torch.nn.Module, target: Path, processor: Any | None = None,

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import yaml
 
 from defend.metrics.vqa import normalize_answer
@@ -64,3 +65,12 @@ def test_demo_chains_the_stages_writes_the_table_and_reuses_the_cached_base(make
     assert again["mllm"]["seconds"]["pretrain"] == 0.0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["vision_pretrain_seconds"] == 0.0
     assert again["mllm"]["base"] == row["base"]
+
+
+def test_finetune_overrides_for_a_family_the_demo_does_not_run_are_an_error(tmp_path):
+    from defend.config import ConfigError, load_config
+
+    cfg = load_config("demo", ["demo.finetune_overrides={mdml: [train.max_steps=1]}", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"\['mdml'\] not in demo.families"):
+        recipe_main(cfg)
+    assert not any(tmp_path.iterdir())  # refused before any stage ran
