@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench ray-local-config clean
+.PHONY: setup demo test bench results ray-local-config clean
 
 setup: $(VENV)/.installed
 
@@ -28,9 +28,14 @@ demo: setup ray-local-config
 test: setup ray-local-config
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
+# regenerates docs/RESULTS.md, docs/results.json and the plot (every attack x defense x family)
+results: setup ray-local-config
+	OMP_NUM_THREADS=$$(nproc) $(VENV)/bin/defend run defense_results --config defense_results
+
 bench: setup
 	OMP_NUM_THREADS=$$(nproc) $(PY) bench/generation_throughput.py
 	OMP_NUM_THREADS=1 $(PY) bench/train_throughput.py
+	OMP_NUM_THREADS=1 $(PY) bench/pcr_overhead.py
 
 clean:
 	rm -rf $(VENV) runs

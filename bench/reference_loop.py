@@ -39,7 +39,7 @@ def main(out: str, steps: int, overrides: list[str]) -> None:
     batches = iter(loader)
     for _ in range(steps):
         batch = next(batches)
-        inputs = {k: v for k, v in batch.items() if k not in ("sample_ids", "labels")}
+        inputs = vlm.model_inputs(batch)
         loss = engine(**inputs, labels=batch["labels"]).loss
         engine.backward(loss)
         engine.step()

@@ -96,7 +96,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     from defend.engine.ds_config import check_combination, load_ds_config
 
+    from defend.objectives import objective_names
+
     check_combination(cfg, load_ds_config(cfg.deepspeed))
+    objective_names(cfg)
     print(dump_config(cfg), end="")
     print(f"# {args.config}: valid")
 

@@ -121,6 +121,43 @@ class DiffusionConfig:
 
 
 @dataclass
+class PcrConfig:
+    """Patch-based cross-view regularization (docs/pcr.md has the formulas and the runs behind each default)."""
+
+    patch_size: int = 16  # in pixels of the processed image
+    fraction: float = 0.5  # of each image's patches perturbed in the second view
+    mode: Literal["shuffle", "mask", "noise"] = "shuffle"
+    noise_std: float = 1.0  # mode=noise: in the processor's normalised pixel units
+    divergence: Literal["js", "sym_kl"] = "js"
+    discrepancy_weight: float = 1.0  # of the bounded pull-apart term, in [0, weight]
+    entropy_weight: float = 0.1
+    detach_original: bool = True  # the pull-apart moves only the perturbed view's output
+    # task loss of each response token x (perturbed view's probability of the label) ** label_gate; 0: off
+    label_gate: float = 1.0
+
+
+@dataclass
+class AblConfig:
+    """Anti-backdoor learning (Li et al. 2021) as an objective: isolate, then unlearn."""
+
+    isolation_steps: int = 50  # loss-guided split (LGA) until this step, then isolate
+    isolation_ratio: float = 0.01  # the lowest-loss fraction of the samples seen while isolating
+    gamma: float = 0.5  # LGA: samples whose loss is under gamma are pushed back up to it
+    unlearn_batch_size: int = 8  # isolated samples per step whose loss is ascended after isolation
+    unlearn_weight: float = 1.0
+    max_unlearn_loss: float = 5.0  # ascent on a sample stops once its loss is above this (bounded)
+
+
+@dataclass
+class ObjectiveConfig:
+    """The training objective: the family's task loss, wrapped by the named objectives in order."""
+
+    name: str | list[str] = "none"  # none, pcr, abl, or a list (e.g. [pcr, abl])
+    pcr: PcrConfig = field(default_factory=PcrConfig)
+    abl: AblConfig = field(default_factory=AblConfig)
+
+
+@dataclass
 class PretrainVisionConfig:
     """The ``pretrain_vision`` recipe: the encoder learns to predict each caption's words from the image."""
 
@@ -209,6 +246,33 @@ class DemoConfig:
 
 
 @dataclass
+class ResultsGoals:
+    """What each defense in ``goal_defenses`` should reach on every attack; RESULTS.md ticks each one."""
+
+    max_asr: float = 0.25
+    max_accuracy_drop: float = 0.05  # vqa_accuracy below the undefended model's on the same attack
+
+
+@dataclass
+class ResultsConfig:
+    """The ``defense_results`` recipe: every attack x defense x family on the demo's models."""
+
+    families: list[Literal["mllm", "mdlm"]] = field(default_factory=lambda: ["mllm", "mdlm"])
+    # attack name -> its poison config
+    attacks: dict[str, str] = field(default_factory=lambda: {
+        "badnets": "poison_badnets_easy_vqa", "blended": "poison_blended_easy_vqa", "sig": "poison_sig_easy_vqa",
+        "wanet": "poison_wanet_easy_vqa", "trojvlm": "poison_trojvlm_easy_vqa"})
+    # defense name -> overrides of the victim's fine-tune ("none": the undefended victim)
+    defenses: dict[str, list[str]] = field(default_factory=lambda: {
+        "none": [], "pcr": ["objective.name=pcr"], "abl": ["objective.name=abl"]})
+    # overrides of every evaluation (e.g. a smaller test set)
+    eval_overrides: list[str] = field(default_factory=list)
+    docs_dir: str = "docs"  # RESULTS.md, results.json and the plot are written here
+    goal_defenses: list[str] = field(default_factory=lambda: ["pcr"])
+    goals: ResultsGoals = field(default_factory=ResultsGoals)
+
+
+@dataclass
 class RayConfig:
     """``launcher=ray``: where the workers run."""
 
@@ -233,6 +297,7 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain_vision: PretrainVisionConfig = field(default_factory=PretrainVisionConfig)
     deepspeed: str = "zero0"  # a name in ds_configs/ (zero0, zero2, zero3, zero3_offload) or a path to a JSON
@@ -243,6 +308,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:

@@ -19,65 +19,16 @@ Each stage is an ordinary recipe run with its own config (``demo.*_config``).
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import shutil
 import time
 from pathlib import Path
 
-import defend
-from defend.atomic import atomic_dir, write_json, write_text
+from defend.atomic import write_json, write_text
 from defend.cli import run_recipe
-from defend.config import Config, ConfigError, load_config
-from defend.models.tiny import cache_root
+from defend.config import Config, ConfigError
+from defend.pretrained import pretrained_bases
 from defend.run_dir import start_run
 
 ROWS = ("overall", "yes/no", "color", "shape")
-
-
-def stage_key(*stages: tuple[str, str, list[str]]) -> str:
-    """Cache key of a chain of stages: (recipe, config, overrides) each, by their resolved settings."""
-    settings: list = [defend.__version__]
-    for recipe, name, overrides in stages:
-        stage = dataclasses.asdict(load_config(name, overrides))
-        stage.pop("output_dir")
-        settings.append([recipe, stage])
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def cached_stages(cfg: Config, name: str, stages: list[tuple[str, str, list[str]]], out: Path, log) -> tuple[Path, float]:
-    """Run ``stages`` in order (each from the previous one's model), or reuse their cached result."""
-    cached = cache_root() / "pretrained" / f"{name}-{stage_key(*stages)}"
-    if cfg.demo.reuse_pretrained and (cached / "config.json").is_file():
-        log.info("%s: reusing the pre-trained model cached at %s", name, cached)
-        return cached, 0.0
-    started = time.perf_counter()
-    model_path: list[str] = []  # the first stage starts from its own model.path
-    for n, (recipe, config, overrides) in enumerate(stages):
-        summary = run_recipe(recipe, config, [*overrides, f"output_dir={out / f'{name}{n}'}", *model_path])
-        model_path = [f"model.path={summary['saved']}"]
-    with atomic_dir(cached) as tmp:
-        shutil.copytree(summary["saved"], tmp, dirs_exist_ok=True)
-    return cached, time.perf_counter() - started
-
-
-def pretrained_bases(cfg: Config, out: Path, log) -> tuple[dict[str, Path], dict[str, float]]:
-    """Each family's pre-trained base: one vision encoder for all (``demo.vision_config``), then
-    each family's own language stages (``demo.pretrain_configs``) on top of it."""
-    seed = [f"seed={cfg.seed}"]
-    vision: list[str] = []
-    seconds = {}
-    if cfg.demo.vision_config:
-        encoder, seconds["vision"] = cached_stages(cfg, "vision", [("pretrain_vision", cfg.demo.vision_config, seed)],
-                                                   out, log)
-        vision = [f"model.vision_tower_from={encoder}"]
-    bases = {}
-    for family in cfg.demo.families:
-        stages = [("finetune", name.format(family=family), [*seed, f"model.family={family}", *(vision if n == 0 else [])])
-                  for n, name in enumerate(cfg.demo.pretrain_configs)]
-        bases[family], seconds[family] = cached_stages(cfg, family, stages, out / family, log)
-    return bases, seconds
 
 
 def accuracy_row(metrics: dict) -> dict[str, float]:

@@ -3,8 +3,10 @@
     defend run finetune --config finetune_tiny_mllm train.max_steps=50
     defend run finetune --config finetune_tiny_mllm deepspeed=zero3 launcher=torchrun nproc=2
 
-Reads (image, prompt, response) samples, trains, and writes into ``output_dir``:
-``config.yaml``, ``finetune.log``, ``train_log.jsonl`` (loss per logged step), ``checkpoints/``
+Reads (image, prompt, response) samples, trains on the family's task loss wrapped by the objectives
+of ``objective.name`` (``pcr``, ``abl``: defense objectives, ``defend/objectives/``), and writes into
+``output_dir``: ``config.yaml``, ``finetune.log``, ``train_log.jsonl`` (loss and each objective term
+per logged step), ``metrics.json`` (every step's loss and terms), ``checkpoints/``
 (every ``train.save_every`` steps and on SIGTERM/SIGUSR1; a rerun resumes from the newest), and
 the result: ``adapter/`` (peft format) for LoRA/QLoRA or ``model/`` (save_pretrained) for full
 training. Any number of ranks, any ZeRO stage (``deepspeed=``): the same file.
@@ -26,6 +28,7 @@ from defend.models import load_model
 from defend.models.lora import apply_lora
 from defend.models.saving import save_model_folder
 from defend.models.vision import find_vision_tower
+from defend.objectives import TrainingContext, TrainingObjective
 from defend.run_dir import start_run
 
 
@@ -40,7 +43,9 @@ class FinetuneRecipe:
         ds_config = prepare_deepspeed(cfg)  # before loading: under ZeRO-3 the model is built sharded
         self.vlm = load_model(cfg)
         collate = self.vlm.train_collator()
-        collate(self.samples[: cfg.train.micro_batch_size])  # bad rows or lengths fail before any output
+        probe = collate(self.samples[: cfg.train.micro_batch_size])  # bad rows or lengths fail before any output
+        self.objective = TrainingObjective(TrainingContext(cfg, self.vlm, self.samples, collate))
+        self.objective.check(probe)  # so do objective settings that do not fit the data
         self.log = start_run(cfg, "finetune")
         if cfg.train.freeze_vision_tower:
             find_vision_tower(self.vlm.model).requires_grad_(False)
@@ -50,15 +55,21 @@ class FinetuneRecipe:
         total = sum(p.numel() for p in self.vlm.model.parameters())
         self.log.info("%d samples; trainable params %d of %d", len(self.samples), trainable, total)
         self.total_steps = total_steps(cfg.train, len(self.samples))
+        self.log.info("objective: task loss%s", "".join(f" + {o.name}" for o in self.objective.objectives))
         self.engine = build_engine(self.vlm.model, cfg, self.total_steps, ds_config)
-        self.checkpoints = Checkpointer.for_run(cfg)
+        self.checkpoints = Checkpointer.for_run(cfg, self.objective.generators, {"objective": self.objective})
         self.start_step = self.checkpoints.restore(self.engine, cfg.train.resume)  # 0 on a fresh run
+        self.objective.start_at(self.start_step)
         self.loader = resumable_loader(self.samples, collate, cfg, self.start_step)
 
     def train(self) -> dict:
-        return train_loop(self.engine, iter(self.loader), lambda batch: self.vlm.loss(batch, model=self.engine),
-                          self.total_steps, self.cfg.train, self.log, self.out / "train_log.jsonl", desc="finetune",
-                          checkpoints=self.checkpoints, start_step=self.start_step)
+        result = train_loop(self.engine, iter(self.loader), lambda batch: self.objective(batch, self.engine),
+                            self.total_steps, self.cfg.train, self.log, self.out / "train_log.jsonl",
+                            desc="finetune", checkpoints=self.checkpoints, start_step=self.start_step)
+        if rank() == 0:
+            write_json(self.out / "metrics.json", {"first_step": self.start_step + 1, "loss": result["losses"],
+                                                   "terms": result["terms"]})
+        return result
 
     def save(self) -> Path:
         lora = self.cfg.lora.enabled

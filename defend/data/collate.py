@@ -124,4 +124,5 @@ class Collator:
             else:
                 batch[key] = torch.cat(values, dim=0)
         batch["sample_ids"] = [s.id for s in samples]
+        batch["image_rows"] = torch.tensor(["pixel_values" in r for r in rows])
         return batch

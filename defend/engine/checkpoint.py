@@ -13,6 +13,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,15 +61,18 @@ class Checkpointer:
     keep: int
     samples_per_step: int
     generators: dict[str, torch.Generator] = field(default_factory=dict)
+    # objects with state_dict()/load_state_dict() saved per rank (e.g. the training objective)
+    stateful: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def for_run(cls, cfg: Config, generators: dict[str, torch.Generator] | None = None) -> Checkpointer:
+    def for_run(cls, cfg: Config, generators: dict[str, torch.Generator] | None = None,
+                stateful: dict[str, Any] | None = None) -> Checkpointer:
         """The checkpoints of the run ``cfg`` describes, under ``output_dir/checkpoints``."""
         from defend.data.sampler import samples_per_step
 
         t = cfg.train
         return cls(Path(cfg.output_dir) / "checkpoints", t.save_every, t.keep_checkpoints, samples_per_step(t),
-                   generators or {})
+                   generators or {}, stateful or {})
 
     def due(self, step: int) -> bool:
         return bool(self.save_every) and step % self.save_every == 0
@@ -79,7 +83,8 @@ class Checkpointer:
         folder = self.root / tag
         engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(random_states(self.generators), folder / f"rng_rank{rank()}.pt")
+        torch.save({**random_states(self.generators), "stateful": {k: v.state_dict() for k, v in self.stateful.items()}},
+                   folder / f"rng_rank{rank()}.pt")
         barrier()
         if rank() == 0:
             write_json(folder / STATE_FILE, {"step": step, "consumed_samples_per_rank": step * self.samples_per_step,
@@ -125,5 +130,8 @@ class Checkpointer:
         load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
         if load_path is None:
             raise ConfigError(f"train.resume: DeepSpeed could not load {folder}; is it complete?")
-        restore_random_states(torch.load(folder / f"rng_rank{rank()}.pt", weights_only=False), self.generators)
+        states = torch.load(folder / f"rng_rank{rank()}.pt", weights_only=False)
+        restore_random_states(states, self.generators)
+        for name, obj in self.stateful.items():
+            obj.load_state_dict(states.get("stateful", {}).get(name, {}))
         return state["step"]

@@ -43,12 +43,14 @@ def train_loop(engine, batches: Iterator[Any], loss_fn: Callable[[Any], Any], to
     """Run optimizer steps ``start_step+1 .. total_steps`` of ``loss_fn(batch)`` (``train.grad_accum``
     micro-batches each).
 
-    Appends ``{"step", "loss", "lr", "elapsed_s"}`` to ``log_path`` every ``train.log_every`` steps.
+    ``loss_fn`` returns the loss, or ``(loss, terms)`` with named floats (an objective's parts of the
+    loss). Appends ``{"step", "loss", "lr", "elapsed_s", **terms}`` to ``log_path`` every
+    ``train.log_every`` steps (averages over those steps).
     With ``checkpoints``: saves every ``train.save_every`` steps, and on SIGTERM/SIGUSR1 saves and
     raises ``TrainingStopped``. Returns the per-step losses of this run and its wall time.
     """
     engine.train()
-    step, losses, started = start_step, [], time.perf_counter()
+    step, losses, terms, started = start_step, [], [], time.perf_counter()
     keep_log_until(log_path, start_step)
     if start_step:
         log.info("resumed at step %d of %d", start_step, total_steps)
@@ -56,20 +58,24 @@ def train_loop(engine, batches: Iterator[Any], loss_fn: Callable[[Any], Any], to
     progress = tqdm(total=total_steps, initial=start_step, desc=desc, disable=rank() != 0)
     try:
         while step < total_steps:
-            window = []
+            window, window_terms = [], []
             for _ in range(train.grad_accum):
                 loss = loss_fn(next(batches))
+                loss, parts = loss if isinstance(loss, tuple) else (loss, {})
                 engine.backward(loss)
                 engine.step()
                 window.append(loss.item())
+                window_terms.append(parts)
             step += 1
             losses.append(sum(window) / len(window))
+            terms.append(mean_terms(window_terms))
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.4f}")
             if step % train.log_every == 0 or step == total_steps:
                 recent = losses[-train.log_every:]
                 record = {"step": step, "loss": sum(recent) / len(recent), "lr": engine.get_lr()[0],
-                          "elapsed_s": round(time.perf_counter() - started, 2)}
+                          "elapsed_s": round(time.perf_counter() - started, 2),
+                          **mean_terms(terms[-train.log_every:])}
                 if rank() == 0:
                     with log_path.open("a") as handle:
                         handle.write(json.dumps(record) + "\n")
@@ -86,8 +92,14 @@ def train_loop(engine, batches: Iterator[Any], loss_fn: Callable[[Any], Any], to
         progress.close()
         if stop is not None:
             stop.close()
-    return {"steps": step, "losses": losses, "train_seconds": round(time.perf_counter() - started, 2),
+    return {"steps": step, "losses": losses, "terms": terms, "train_seconds": round(time.perf_counter() - started, 2),
             "peak_memory_mb_per_rank": peak_memory_per_rank()}
+
+
+def mean_terms(records: list[dict[str, float]]) -> dict[str, float]:
+    """Each named term's mean over the records that have it."""
+    names = dict.fromkeys(k for r in records for k in r)
+    return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in names}
 
 
 def peak_memory_per_rank() -> list[float]:

@@ -5,15 +5,23 @@ from typing import Any
 
 import torch
 
+from defend.data.collate import IGNORE_INDEX
 from defend.models.base import VisionLanguageModel
+from defend.models.scoring import ResponseScores
 
 
 class AutoregressiveVLM(VisionLanguageModel):
     family = "mllm"
 
-    def loss(self, batch: dict[str, Any], model: torch.nn.Module | None = None) -> torch.Tensor:
+    def score(self, batch: dict[str, Any], model: torch.nn.Module | None = None, views: int = 1) -> ResponseScores:
+        """Next-token scores of the response; the task loss is the mean CE over view 0's response tokens
+        (what the model's own ``labels=`` loss computes)."""
         model = model or self.model
-        return model(**self.model_inputs(batch), labels=batch["labels"]).loss
+        logits = model(**self.model_inputs(batch)).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        scored = targets[: targets.shape[0] // views] != IGNORE_INDEX
+        weight = scored.float() / scored.sum().clamp(min=1)
+        return ResponseScores(logits, targets, weight, views)
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any]) -> list[str]:

@@ -7,8 +7,9 @@ import torch
 
 from defend.config import Config
 from defend.data.collate import Collator
+from defend.models.scoring import ResponseScores
 
-NOT_MODEL_INPUTS = ("sample_ids", "labels")
+NOT_MODEL_INPUTS = ("sample_ids", "labels", "image_rows")
 
 
 class VisionLanguageModel:
@@ -35,9 +36,14 @@ class VisionLanguageModel:
     def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
 
-    def loss(self, batch: dict[str, Any], model: torch.nn.Module | None = None) -> torch.Tensor:
-        """Task loss of one batch; ``model`` is the module to call (e.g. a DeepSpeed engine)."""
+    def score(self, batch: dict[str, Any], model: torch.nn.Module | None = None, views: int = 1) -> ResponseScores:
+        """One forward of a training batch (``views`` stacked copies of its rows); ``model`` is the
+        module to call (e.g. a DeepSpeed engine)."""
         raise NotImplementedError
+
+    def loss(self, batch: dict[str, Any], model: torch.nn.Module | None = None) -> torch.Tensor:
+        """The family's task loss of one batch."""
+        return self.score(batch, model).task_loss()
 
     def generate(self, batch: dict[str, Any]) -> list[str]:
         """Greedy answers for a left-padded prompt batch."""

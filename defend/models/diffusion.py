@@ -13,7 +13,8 @@ import torch
 from defend.config import ConfigError
 from defend.data.collate import IGNORE_INDEX, Collator
 from defend.models.base import VisionLanguageModel
-from defend.models.diffusion_loss import masked_diffusion_loss
+from defend.models.diffusion_loss import align_logits, diffusion_noise
+from defend.models.scoring import ResponseScores
 from defend.models.diffusion_sampler import diffusion_generate
 
 
@@ -41,27 +42,26 @@ class MaskedDiffusionVLM(VisionLanguageModel):
         return Collator(self.processor, self.cfg.train.max_length, with_response=True,
                         response_pad_to=self.cfg.diffusion.gen_length)
 
-    def loss(self, batch: dict[str, Any], model: torch.nn.Module | None = None) -> torch.Tensor:
+    def score(self, batch: dict[str, Any], model: torch.nn.Module | None = None, views: int = 1) -> ResponseScores:
+        """The LLaDA SFT loss's forward: one noise draw for view 0's rows, shared by every view (same
+        masked tokens, same timestep), all views in one call of the model."""
         model = model or self.model
         inputs = self.model_inputs(batch)
         inputs["position_ids"] = position_ids_for(inputs["attention_mask"])
+        n = batch["input_ids"].shape[0] // views
         d = self.cfg.diffusion
+        noise = diffusion_noise(batch["input_ids"][:n], batch["labels"][:n] != IGNORE_INDEX, self.mask_token_id,
+                                eps=d.eps, inverse_t_weight=d.inverse_t_weight,
+                                complementary_mask=d.complementary_mask)
+        copies = noise.noisy.shape[0] // n  # 2 with complementary masks
 
-        def logits_fn(noisy: torch.Tensor) -> torch.Tensor:
-            copies = noisy.shape[0] // batch["input_ids"].shape[0]
-            repeated = {k: torch.cat([v] * copies) for k, v in inputs.items() if torch.is_tensor(v)}
-            return model(**{**repeated, "input_ids": noisy}).logits
+        def per_copy(value: torch.Tensor) -> torch.Tensor:  # view after view, each view's rows (or images) per copy
+            return torch.cat([chunk.repeat(copies, *[1] * (value.dim() - 1)) for chunk in value.chunk(views)])
 
-        return masked_diffusion_loss(
-            logits_fn,
-            batch["input_ids"],
-            batch["labels"] != IGNORE_INDEX,
-            self.mask_token_id,
-            eps=d.eps,
-            inverse_t_weight=d.inverse_t_weight,
-            complementary_mask=d.complementary_mask,
-            shifted_logits=d.shifted_logits,
-        )
+        repeated = {k: per_copy(v) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        logits = model(**{**repeated, "input_ids": noise.noisy.repeat(views, 1)}).logits
+        return ResponseScores(align_logits(logits, d.shifted_logits), noise.clean.repeat(views, 1), noise.weight,
+                              views, copies)
 
     def image_features(self, batch: dict[str, Any]) -> torch.Tensor:
         """Projected vision features of the batch, (n_image_tokens, hidden); none for a text-only batch."""

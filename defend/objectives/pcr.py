@@ -1,0 +1,85 @@
+"""PCR: patch-based cross-view regularization (arXiv 2604.04488), for both model families.
+
+Every image is seen twice in one forward: as it is (view 0) and with a fraction of its patches
+perturbed (view 1). On the tokens the task loss scores, the loss adds
+
+    discrepancy_weight * mean agreement(p_0, p_1)        (pulls the views apart, bounded in [0, w])
+    entropy_weight     * mean (1 - H(p_1) / log V)       (the perturbed view stays uncertain)
+
+docs/pcr.md gives the reasons and the runs behind each choice and default.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from defend.config import ConfigError
+from defend.data.patch_augment import patch_augment
+from defend.engine.distributed import rank
+from defend.models.scoring import ResponseScores
+from defend.objectives.base import Objective, TrainingContext, register
+from defend.objectives.divergence import agreement, entropy
+
+
+@register("pcr")
+class PatchCrossView(Objective):
+    views = 2
+
+    def __init__(self, ctx: TrainingContext):
+        super().__init__(ctx)
+        self.cfg = ctx.cfg.objective.pcr
+        if not 0 < self.cfg.fraction <= 1:
+            raise ConfigError(f"objective.pcr.fraction must be in (0, 1], got {self.cfg.fraction}.")
+        if self.cfg.patch_size < 1:
+            raise ConfigError(f"objective.pcr.patch_size must be >= 1, got {self.cfg.patch_size}.")
+        # each rank perturbs its own images differently
+        self.generators = {"patches": torch.Generator().manual_seed(ctx.cfg.seed * 1000 + 4 + rank())}
+
+    def add_views(self, batch: dict[str, Any]) -> dict[str, Any]:
+        pixels = batch.get("pixel_values")
+        if pixels is None:
+            raise ConfigError("objective.name=pcr: a training batch has no images; PCR perturbs images.")
+        if pixels.dim() != 4:
+            raise ConfigError(
+                f"objective.name=pcr: this model's processor gives images as {tuple(pixels.shape)}, not"
+                " (N, C, H, W) (e.g. Qwen2-VL's flattened patches); PCR supports LLaVA-style image tensors."
+            )
+        cfg = self.cfg
+        try:
+            perturbed = patch_augment(pixels, cfg.patch_size, cfg.fraction, cfg.mode, self.generators["patches"],
+                                      cfg.noise_std)
+        except ValueError as err:
+            raise ConfigError(f"objective.pcr: {err}.") from err
+        doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}
+        doubled["pixel_values"] = torch.cat([pixels, perturbed])
+        return doubled
+
+    def loss_scale(self, scores: ResponseScores, batch: dict[str, Any], step: int) -> torch.Tensor | None:
+        """The label gate: each scored token's task loss times the perturbed view's probability of its
+        label, to the power ``label_gate`` (detached). A label the perturbed image does not support
+        (a backdoor target the model has not yet tied to the trigger) hardly trains."""
+        if not self.cfg.label_gate:
+            return None
+        n = scores.rows
+        probs = torch.softmax(scores.view(1).detach().float(), dim=-1)
+        targets = scores.targets[:n].clamp(min=0)
+        support = probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        with_image = batch["image_rows"][: n // scores.copies].repeat(scores.copies).unsqueeze(1)
+        return torch.where(with_image & scores.scored, support.pow(self.cfg.label_gate), torch.ones_like(support))
+
+    def terms(self, scores: ResponseScores, batch: dict[str, Any], step: int, model) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        with_image = batch["image_rows"][: scores.rows // scores.copies].repeat(scores.copies)
+        scored = scores.scored & with_image.unsqueeze(1)
+        original, perturbed = scores.view(0)[scored], scores.view(1)[scored]
+        if original.shape[0] == 0:
+            zero = scores.logits.sum() * 0
+            return {"pcr_discrepancy": zero, "pcr_entropy": zero}
+        anchor = original.detach() if cfg.detach_original else original
+        alike = agreement(cfg.divergence, anchor, perturbed).mean()
+        uncertainty = entropy(perturbed) / math.log(perturbed.shape[-1])
+        return {"pcr_discrepancy": cfg.discrepancy_weight * alike,
+                "pcr_entropy": cfg.entropy_weight * (1 - uncertainty).mean()}
+

@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+from defend.config import ConfigError, load_config
+from recipes.defense_results import recipe_main
+from tests.recipes.test_demo import write_stage_configs
+
+
+def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cells(make_cfg, tmp_path):
+    stages = write_stage_configs(tmp_path)
+    poison = next(s.split("=", 1)[1] for s in stages if s.startswith("demo.poison_config="))
+    (tmp_path / "poison_sig.yaml").write_text(
+        (tmp_path / "poison_mllm.yaml").read_text().replace("name: badnets", "name: sig"))
+    docs = tmp_path / "docs"
+    cfg = make_cfg("mllm", *stages, "results.families=[mllm]",
+                   f"results.attacks={{badnets: {poison}, sig: {tmp_path / 'poison_sig.yaml'}}}",
+                   "results.defenses={none: [], pcr: [objective.name=pcr, objective.pcr.patch_size=16],"
+                   " abl: [objective.name=abl, objective.abl.isolation_steps=1]}",
+                   "results.eval_overrides=[eval.max_samples=4]", f"results.docs_dir={docs}")
+    rows = recipe_main(cfg)
+    saved = json.loads((docs / "results.json").read_text())
+    assert [(r["attack"], r["defense"]) for r in saved] == [(a, d) for a in ("badnets", "sig") for d in ("none", "pcr", "abl")]
+    for row in saved:
+        assert set(row) == {"family", "attack", "defense", "asr", "asr_clean", "vqa_accuracy"}
+        cell = json.loads((tmp_path / "run" / "mllm" / row["attack"] / row["defense"] / "cell.json").read_text())
+        assert cell["metrics"]["asr"] == row["asr"] and cell["metrics"]["n_clean"] == 4
+    trained = (tmp_path / "run" / "mllm" / "sig" / "pcr" / "finetune" / "train_log.jsonl").read_text()
+    assert "pcr_discrepancy" in trained  # the defense's overrides reached the fine-tune
+    report = (docs / "RESULTS.md").read_text()
+    assert "do not edit by hand" in report and "| sig | abl |" in report
+    assert report.count("- [") == 4  # pcr's two goals for each of the two attacks
+    assert (docs / "results_asr_vs_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    mtime = (tmp_path / "run" / "mllm" / "sig" / "pcr" / "cell.json").stat().st_mtime
+    assert recipe_main(cfg) == rows  # every cell reused
+    assert (tmp_path / "run" / "mllm" / "sig" / "pcr" / "cell.json").stat().st_mtime == mtime
+
+
+def test_results_need_the_undefended_baseline(tmp_path):
+    cfg = load_config("defense_results", ["results.defenses={pcr: [objective.name=pcr]}", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="include 'none: \\[\\]'"):
+        recipe_main(cfg)
