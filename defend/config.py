@@ -158,6 +158,23 @@ class ObjectiveConfig:
 
 
 @dataclass
+class PurifyConfig:
+    """DiSP's masked inference (``evaluate`` with ``mask_ratio`` > 0) and the ``purify`` recipe."""
+
+    mask_ratio: float = 0.0  # fraction of each image's vision tokens masked at generation; 0: off
+    selection: Literal["saliency", "attention", "random"] = "saliency"
+    saliency_samples: int = 1  # K sampled labels of the Fisher-Jacobian estimate
+    # what a masked vision token becomes: "auto" = mask (masked diffusion) / mean (autoregressive)
+    replacement: Literal["auto", "mask", "pad", "zero", "mean"] = "auto"
+    seed: int = 0  # of the sampled labels (saliency) and of random selection
+    actors: int = 1  # model replicas in the Ray Data actor pool
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # 1 on a GPU cluster
+    block_size: int = 256  # input rows per output shard (the unit of resumption)
+    batch_size: int = 32  # rows per generation batch inside a block
+
+
+@dataclass
 class PretrainVisionConfig:
     """The ``pretrain_vision`` recipe: the encoder learns to predict each caption's words from the image."""
 
@@ -298,6 +315,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    purify: PurifyConfig = field(default_factory=PurifyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain_vision: PretrainVisionConfig = field(default_factory=PretrainVisionConfig)
     deepspeed: str = "zero0"  # a name in ds_configs/ (zero0, zero2, zero3, zero3_offload) or a path to a JSON

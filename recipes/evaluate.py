@@ -8,7 +8,9 @@ Writes ``predictions.jsonl`` (one row per sample) and ``metrics.json`` into ``ou
 ``bleu4`` and ``cider`` for ``eval.task=caption``, with the counts they rest on. With
 ``eval.poison_dir`` (a ``poison`` recipe's output) it evaluates that folder's clean and triggered
 test sets and adds ``asr`` (target shown on triggered inputs), ``asr_clean`` (on clean inputs),
-``n_triggered`` and ``n_clean``; the target rule is the manifest's ``attack.target``.
+``n_triggered`` and ``n_clean``; the target rule is the manifest's ``attack.target``. With
+``purify.mask_ratio`` > 0 it generates with DiSP's masked inference (the top vision tokens of each
+image by ``purify.selection`` replaced), the inference-time defense alone.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from defend.metrics.asr import attack_success
 from defend.metrics.captioning import caption_scores
 from defend.metrics.vqa import vqa_accuracy
 from defend.models import VisionLanguageModel, load_model
+from defend.purify.masking import MaskedGenerator
 from defend.run_dir import start_run
 
 
@@ -51,11 +54,11 @@ def load_eval_sets(cfg: Config) -> tuple[dict[str, list[Sample]], TargetConfig |
     return sets, target
 
 
-def generate_all(vlm: VisionLanguageModel, samples: list[Sample], batch_size: int, desc: str) -> list[str]:
+def generate_all(vlm: VisionLanguageModel, samples: list[Sample], batch_size: int, desc: str, generate=None) -> list[str]:
     loader = DataLoader(samples, batch_size=batch_size, collate_fn=vlm.generate_collator())
     predictions: list[str] = []
     for batch in tqdm(loader, desc=desc):
-        predictions.extend(vlm.generate(batch))
+        predictions.extend((generate or vlm.generate)(batch))
     return predictions
 
 
@@ -76,7 +79,8 @@ def recipe_main(cfg: Config) -> dict:
         vlm.generate_collator()(samples[: cfg.eval.batch_size])  # bad rows or lengths fail before any output
     log = start_run(cfg, "evaluate")
     started = time.perf_counter()
-    predictions = {name: generate_all(vlm, samples, cfg.eval.batch_size, f"evaluate {name}")
+    generate = MaskedGenerator(vlm, cfg.purify) if cfg.purify.mask_ratio > 0 else None  # DiSP's masked inference
+    predictions = {name: generate_all(vlm, samples, cfg.eval.batch_size, f"evaluate {name}", generate)
                    for name, samples in sets.items()}
     seconds = time.perf_counter() - started
     metrics = task_metrics(cfg, sets["clean"], predictions["clean"])

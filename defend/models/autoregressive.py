@@ -24,13 +24,19 @@ class AutoregressiveVLM(VisionLanguageModel):
         return ResponseScores(logits, targets, weight, views)
 
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any]) -> list[str]:
+    def generate(self, batch: dict[str, Any], features: torch.Tensor | None = None) -> list[str]:
         inputs = self.model_inputs(batch)
-        out = self.model.generate(
-            **inputs,
-            max_new_tokens=self.cfg.eval.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
-        return self.decode(out[:, inputs["input_ids"].shape[1]:])
+        settings = dict(max_new_tokens=self.cfg.eval.max_new_tokens, do_sample=False,
+                        pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        if features is None:
+            out = self.model.generate(**inputs, **settings)
+            return self.decode(out[:, inputs["input_ids"].shape[1]:])
+        embeds = self.embed(batch["input_ids"], features)
+        out = self.model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **settings)
+        return self.decode(out)  # from embeddings, generate returns the new tokens only
+
+    def first_step_logits(self, batch: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
+        mask = batch["attention_mask"]
+        out = self.model(inputs_embeds=self.embed(batch["input_ids"], features), attention_mask=mask,
+                         position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0))
+        return out.logits[:, -1:]

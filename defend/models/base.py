@@ -45,9 +45,39 @@ class VisionLanguageModel:
         """The family's task loss of one batch."""
         return self.score(batch, model).task_loss()
 
-    def generate(self, batch: dict[str, Any]) -> list[str]:
-        """Greedy answers for a left-padded prompt batch."""
+    def generate(self, batch: dict[str, Any], features: torch.Tensor | None = None) -> list[str]:
+        """Greedy answers for a left-padded prompt batch; ``features`` replaces the batch's vision
+        tokens (``image_features`` with some rows masked: DiSP)."""
         raise NotImplementedError
+
+    def first_step_logits(self, batch: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
+        """(B, P, V): the output distribution of the first generation step, at its P positions, with
+        ``features`` as the vision tokens (differentiable with respect to them)."""
+        raise NotImplementedError
+
+    def image_features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Projected vision tokens of the batch's images, (n_images * tokens_per_image, hidden), in the
+        order the image placeholders appear; empty for a text-only batch. LLaVA-style models."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if "pixel_values" not in batch:
+            return torch.empty(0, base.config.get_text_config().hidden_size)
+        get = getattr(base.model, "get_image_features", None)
+        if get is None:
+            raise NotImplementedError(f"{type(base).__name__} has no get_image_features: vision-token access"
+                                      " needs a LLaVA-style model")
+        out = get(pixel_values=batch["pixel_values"], return_dict=True)
+        return torch.cat(list(out.pooler_output), dim=0)
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the image placeholders replaced by ``image_features``."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        image_positions = (input_ids == self.model.config.image_token_id).unsqueeze(-1)
+        return embeds.masked_scatter(image_positions, image_features.to(embeds.dtype))
+
+    def token_embedding(self, token_id: int) -> torch.Tensor:
+        """The input embedding of one token, (hidden,)."""
+        table = self.model.get_input_embeddings()
+        return table(torch.tensor([token_id], device=table.weight.device))[0]
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Text up to the first eos of each row."""

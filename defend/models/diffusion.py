@@ -63,24 +63,22 @@ class MaskedDiffusionVLM(VisionLanguageModel):
         return ResponseScores(align_logits(logits, d.shifted_logits), noise.clean.repeat(views, 1), noise.weight,
                               views, copies)
 
-    def image_features(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Projected vision features of the batch, (n_image_tokens, hidden); none for a text-only batch."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        if "pixel_values" not in batch:
-            return torch.empty(0, base.config.get_text_config().hidden_size)
-        out = base.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
-        return torch.cat(list(out.pooler_output), dim=0)
-
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the image placeholders replaced by ``image_features``."""
-        embeds = self.model.get_input_embeddings()(input_ids)
-        image_positions = (input_ids == self.model.config.image_token_id).unsqueeze(-1)
-        return embeds.masked_scatter(image_positions, image_features.to(embeds.dtype))
+    def first_step_logits(self, batch: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
+        """The sampler's first step: the prompt plus ``gen_length`` masks; the positions of the first block."""
+        d = self.cfg.diffusion
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        tokens = torch.cat([ids, torch.full((ids.shape[0], d.gen_length), self.mask_token_id, device=ids.device)], 1)
+        mask = torch.cat([mask, torch.ones(ids.shape[0], d.gen_length, dtype=mask.dtype, device=mask.device)], 1)
+        logits = self.model(inputs_embeds=self.embed(tokens, features), attention_mask=mask,
+                            position_ids=position_ids_for(mask)).logits
+        logits = align_logits(logits, d.shifted_logits)
+        return logits[:, ids.shape[1]:ids.shape[1] + min(d.block_length, d.gen_length)]
 
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> list[str]:
+    def generate(self, batch: dict[str, Any], features: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> list[str]:
         d = self.cfg.diffusion
-        features = self.image_features(batch)
+        features = self.image_features(batch) if features is None else features
 
         def logits_fn(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return self.model(

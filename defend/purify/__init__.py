@@ -1,0 +1,1 @@
+"""DiSP: saliency-guided vision-token masking and self-purification."""

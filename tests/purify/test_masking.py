@@ -1,0 +1,67 @@
+"""DiSP's masked inference on both families: scores, selection, replacement, generation."""
+import pytest
+import torch
+
+from defend.data import load_samples
+from defend.models import load_model
+from defend.purify.masking import masked_features, masked_generate, replacement_rows, top_fraction
+from defend.purify.saliency import fisher_saliency
+
+
+@pytest.fixture(params=["mllm", "mdlm"])
+def family_batch(request, make_cfg):
+    cfg = make_cfg(request.param, "dataset.split=test", "dataset.max_samples=6", "eval.max_new_tokens=4")
+    vlm = load_model(cfg)
+    vlm.model.eval()
+    return vlm, vlm.generate_collator()(load_samples(cfg.dataset))
+
+
+def test_generating_from_unmasked_features_equals_plain_generation(family_batch):
+    vlm, batch = family_batch
+    plain = vlm.generate(batch)
+    assert vlm.generate(batch, features=vlm.image_features(batch)) == plain
+    assert masked_generate(vlm, batch, 0.0, "saliency", "zero", 1, torch.Generator()) == plain
+
+
+def test_fisher_saliency_matches_per_sample_gradients(family_batch):
+    # K=1 batched over rows equals each row's own squared gradient norm for the label it drew
+    vlm, batch = family_batch
+    scores = fisher_saliency(vlm, batch, 1, torch.Generator().manual_seed(0))
+    per_image = scores.shape[1]
+    assert scores.shape == (6, per_image) and (scores >= 0).all() and scores.sum() > 0
+    features = vlm.image_features(batch).detach()
+    row = {k: v[:1] if torch.is_tensor(v) else v for k, v in batch.items()}
+    leaf = features[:per_image].clone().requires_grad_(True)
+    logp = torch.log_softmax(vlm.first_step_logits(row, leaf).float(), -1)
+    drawn = torch.multinomial(torch.log_softmax(
+        vlm.first_step_logits(batch, features).float(), -1).exp().flatten(0, 1), 1,
+        generator=torch.Generator().manual_seed(0))[: logp.shape[1]]
+    logp.flatten(0, 1).gather(1, drawn).sum().backward()
+    assert torch.allclose(leaf.grad.pow(2).sum(-1), scores[0], rtol=1e-3, atol=1e-8)
+
+
+def test_more_samples_average_the_estimate(family_batch):
+    vlm, batch = family_batch
+    k4 = fisher_saliency(vlm, batch, 4, torch.Generator().manual_seed(0))
+    assert k4.shape[0] == 6 and torch.isfinite(k4).all()
+
+
+def test_top_fraction_and_replacements():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [4.0, 3.0, 2.0, 1.0]])
+    assert top_fraction(scores, 0.5).tolist() == [[False, True, True, False], [True, True, False, False]]
+    assert not top_fraction(scores, 0.0).any()
+
+
+def test_masking_replaces_exactly_the_chosen_tokens(family_batch):
+    vlm, batch = family_batch
+    features = vlm.image_features(batch)
+    replaced, chosen = masked_features(vlm, batch, 0.25, "random", "zero", 1, torch.Generator().manual_seed(3))
+    per_image = chosen.shape[1]
+    assert chosen.sum(1).tolist() == [round(0.25 * per_image)] * 6
+    flat = chosen.reshape(-1)
+    assert (replaced[flat] == 0).all() and torch.equal(replaced[~flat], features[~flat])
+    mean = replacement_rows(vlm, features, per_image, "mean")
+    assert torch.allclose(mean[0], features[:per_image].mean(0))
+    token = "mask" if vlm.family == "mdlm" else "pad"
+    expected = vlm.model.get_input_embeddings().weight[vlm.mask_token_id if token == "mask" else vlm.tokenizer.pad_token_id]
+    assert torch.allclose(replacement_rows(vlm, features, per_image, token)[5], expected)
