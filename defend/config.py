@@ -131,6 +131,9 @@ class PcrConfig:
     divergence: Literal["js", "sym_kl"] = "js"
     discrepancy_weight: float = 1.0  # of the bounded pull-apart term, in [0, weight]
     entropy_weight: float = 0.1
+    # the perturbed view's entropy is raised up to this fraction of log(vocabulary), never beyond:
+    # a uniform perturbed view would starve the label gate (docs/pcr.md)
+    entropy_target: float = 0.5
     detach_original: bool = True  # the pull-apart moves only the perturbed view's output
     # task loss of each response token x (perturbed view's probability of the label) ** label_gate; 0: off
     label_gate: float = 1.0

@@ -114,7 +114,7 @@ def check_image_header(path: Path, where: str) -> None:
         raise DataError(f"{where}: '{path}' is not a readable image ({err}); replace the file or drop the row.") from err
 
 
-def _row_sample(row: dict, n: int, source: str, cfg: DatasetConfig, image_root: Path | None) -> Sample:
+def row_sample(row: dict, n: int, source: str, cfg: DatasetConfig, image_root: Path | None) -> Sample:
     where = f"{source} row {n}"
     for column in (cfg.prompt_column, cfg.response_column):
         value = row.get(column)
@@ -175,7 +175,7 @@ def load_jsonl(cfg: DatasetConfig, split: str) -> list[Sample]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path} line {n}: not valid JSON ({err}).") from err
-            samples.append(_row_sample(row, n, str(path), cfg, image_root))
+            samples.append(row_sample(row, n, str(path), cfg, image_root))
     return samples
 
 
@@ -196,7 +196,7 @@ def load_hf(cfg: DatasetConfig, split: str) -> list[Sample]:
     if cfg.image_column in ds.features and isinstance(ds.features[cfg.image_column], datasets.Image):
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
     image_root = Path(cfg.image_root) if cfg.image_root else (path.parent if path.is_file() else path)
-    return [_row_sample(row, n, str(path), cfg, image_root) for n, row in enumerate(ds)]
+    return [row_sample(row, n, str(path), cfg, image_root) for n, row in enumerate(ds)]
 
 
 def load_samples(cfg: DatasetConfig, split: str | None = None) -> list[Sample]:

@@ -4,7 +4,7 @@ Every image is seen twice in one forward: as it is (view 0) and with a fraction 
 perturbed (view 1). On the tokens the task loss scores, the loss adds
 
     discrepancy_weight * mean agreement(p_0, p_1)        (pulls the views apart, bounded in [0, w])
-    entropy_weight     * mean (1 - H(p_1) / log V)       (the perturbed view stays uncertain)
+    entropy_weight     * mean max(0, entropy_target - H(p_1) / log V)   (the perturbed view stays uncertain)
 
 docs/pcr.md gives the reasons and the runs behind each choice and default.
 """
@@ -81,5 +81,5 @@ class PatchCrossView(Objective):
         alike = agreement(cfg.divergence, anchor, perturbed).mean()
         uncertainty = entropy(perturbed) / math.log(perturbed.shape[-1])
         return {"pcr_discrepancy": cfg.discrepancy_weight * alike,
-                "pcr_entropy": cfg.entropy_weight * (1 - uncertainty).mean()}
+                "pcr_entropy": cfg.entropy_weight * (cfg.entropy_target - uncertainty).clamp(min=0).mean()}
 

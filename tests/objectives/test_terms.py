@@ -62,13 +62,13 @@ def test_pcr_terms_on_hand_made_logits():
     # KL(q||m) = 1/2 log 4/3, JS = 3/4 log 4/3
     expected_agreement = 1 - 0.75 * math.log(4 / 3) / math.log(2)
     assert terms["pcr_discrepancy"].item() == pytest.approx(2.0 * expected_agreement, rel=1e-5)
-    # q is uniform over 2 tokens: normalised entropy 1, so the entropy term is 0
+    # q is uniform over 2 tokens: normalised entropy 1, above the target, so the entropy term is 0
     assert terms["pcr_entropy"].item() == pytest.approx(0.0, abs=1e-6)
-    # now the perturbed view is one-hot: normalised entropy ~0, the term is the full weight
+    # now the perturbed view is one-hot: normalised entropy ~0, the term is weight x target
     perturbed[0, 1] = torch.tensor([0.0, BIG])
-    terms = pcr_terms("objective.pcr.entropy_weight=0.5", original=original, perturbed=perturbed, weight=weight,
-                      image_rows=[True, False])
-    assert terms["pcr_entropy"].item() == pytest.approx(0.5, abs=1e-6)
+    terms = pcr_terms("objective.pcr.entropy_weight=0.5", "objective.pcr.entropy_target=0.6", original=original,
+                      perturbed=perturbed, weight=weight, image_rows=[True, False])
+    assert terms["pcr_entropy"].item() == pytest.approx(0.5 * 0.6, abs=1e-6)
     assert terms["pcr_discrepancy"].item() == pytest.approx(0.0, abs=1e-6)  # disjoint views
 
 
@@ -82,3 +82,19 @@ def test_pcr_pulls_only_the_perturbed_view_by_default():
         terms["pcr_discrepancy"].backward()
         assert perturbed.grad.abs().sum() > 0
         assert (original.grad is not None and original.grad.abs().sum() > 0) == original_moves
+
+
+def test_the_label_gate_is_the_perturbed_views_probability_of_the_label():
+    cfg = load_config(None, ["objective.name=pcr", "objective.pcr.label_gate=2.0"])
+    pcr = PatchCrossView(TrainingContext(cfg, vlm=None, samples=[], collate=None))
+    original = torch.zeros(2, 2, 3)
+    perturbed = torch.stack([logits_of(0.2, 0.5, 0.3).expand(2, 3), logits_of(0.9, 0.05, 0.05).expand(2, 3)])
+    targets = torch.tensor([[1, 2], [0, 0]]).repeat(2, 1)
+    weight = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    scores = ResponseScores(torch.cat([original, perturbed]), targets, weight, views=2)
+    gate = pcr.loss_scale(scores, {"image_rows": torch.tensor([True, False] * 2)}, step=0)
+    # row 0 has an image: q(label)^2 on its scored tokens; row 1 is text-only: ungated
+    assert gate[0].tolist() == pytest.approx([0.5 ** 2, 0.3 ** 2], rel=1e-5)
+    assert gate[1].tolist() == [1.0, 1.0]
+    off = PatchCrossView(TrainingContext(load_config(None, ["objective.pcr.label_gate=0"]), None, [], None))
+    assert off.loss_scale(scores, {"image_rows": torch.tensor([True, False] * 2)}, step=0) is None

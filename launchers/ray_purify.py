@@ -1,0 +1,75 @@
+"""DiSP purification as a Ray Data pipeline: block specs -> actor pool (one model per actor: read
+and decode the block's rows, saliency + masked generation, write the block's shard) -> counts back
+to the driver. The driver only holds block offsets and counts; rows and images stay inside the
+actor that needs them.
+
+An actor that dies is restarted and its block re-run by Ray Data; a block's shard is written
+atomically, so a re-run replaces nothing but a missing shard. A killed driver is restarted by
+running the same command: finished shards are skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from defend.config import Config
+from defend.purify.blocks import Block
+from launchers.ray_train import ensure_local_ray_config, worker_env
+
+
+class PurifyActor:
+    """One model replica; ``__call__`` purifies the blocks of a batch (one block per batch)."""
+
+    def __init__(self, cfg: Config, source: str, out: str):
+        import torch
+
+        from defend.models import load_model
+        from defend.purify.masking import MaskedGenerator
+
+        self.cfg = cfg
+        torch.set_num_threads(max(1, int(self.cfg.purify.cpus_per_actor)))
+        self.vlm = load_model(self.cfg)
+        self.vlm.model.eval()
+        self.generate = MaskedGenerator(self.vlm, self.cfg.purify)
+        self.source, self.out = Path(source), Path(out)
+
+    def __call__(self, batch: dict) -> dict:
+        from defend.purify.blocks import purify_block
+
+        counts = [purify_block(self.cfg, self.source, Block(int(i), int(s), int(e), int(f)), self.vlm, self.generate,
+                               self.out)
+                  for i, s, e, f in zip(batch["index"], batch["start"], batch["end"], batch["first_line"])]
+        return {k: [c[k] for c in counts] for k in ("block", "rows", "quarantined")}
+
+
+def purify_on_ray(cfg: Config, source: Path, out: Path, blocks: list[Block]) -> Iterator[dict]:
+    """Purify ``blocks`` on an actor pool of ``purify.actors``; yields each finished block's counts."""
+    import ray
+
+    embedded = cfg.ray.address is None
+    if embedded:
+        ensure_local_ray_config()
+    os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+    env = {**worker_env(cfg), "OMP_NUM_THREADS": str(max(1, int(cfg.purify.cpus_per_actor)))}
+    cwd = os.getcwd()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, env.get("PYTHONPATH")) if p)
+    started_here = not ray.is_initialized()
+    if started_here:
+        cpus = max(os.cpu_count() or 1, int(cfg.purify.actors * cfg.purify.cpus_per_actor) + 1)
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, include_dashboard=False if embedded else None,
+                 log_to_driver=False, **({"_node_ip_address": "127.0.0.1", "num_cpus": cpus} if embedded else {}))
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        specs = ray.data.from_items([dataclasses.asdict(b) for b in blocks], override_num_blocks=max(1, len(blocks)))
+        done = specs.map_batches(
+            PurifyActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.purify.actors),
+            fn_constructor_args=(cfg, str(source.resolve()), str(out.resolve())),
+            num_cpus=cfg.purify.cpus_per_actor, num_gpus=cfg.purify.gpus_per_actor or None,
+            max_restarts=-1, max_task_retries=-1)
+        yield from done.iter_rows()
+    finally:
+        if started_here:
+            ray.shutdown()
