@@ -17,6 +17,7 @@ interrupted run continues where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from datetime import date
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from defend.atomic import write_json, write_text
 from defend.cli import run_recipe
-from defend.config import Config, ConfigError
+from defend.config import Config, ConfigError, load_config
 from defend.pretrained import pretrained_bases
 from defend.report import asr_accuracy_plot
 from defend.run_dir import start_run
@@ -42,6 +43,17 @@ def check_settings(cfg: Config) -> None:
     unknown = set(cfg.demo.finetune_overrides) - set(r.families)
     if unknown:
         raise ConfigError(f"demo.finetune_overrides: {sorted(unknown)} not in results.families {r.families}.")
+
+
+def poisoned_data(config: str, out: Path) -> str:
+    """The poison recipe's data folder for ``config``: reused when its manifest has the same attack and data."""
+    wanted = load_config(config)
+    manifest = out / "data" / "manifest.json"
+    if manifest.is_file():
+        made = json.loads(manifest.read_text())
+        if made["attack"] == dataclasses.asdict(wanted.attack) and made["dataset"] == dataclasses.asdict(wanted.dataset):
+            return str(out / "data")
+    return run_recipe("poison", config, [f"output_dir={out}"])["data_dir"]
 
 
 def run_cell(cfg: Config, folder: Path, family: str, base: Path, poison_dir: str, defense: list[str], log) -> dict:
@@ -110,12 +122,7 @@ def recipe_main(cfg: Config) -> list[dict]:
     log = start_run(cfg, "defense_results")
     out, docs = Path(cfg.output_dir), Path(cfg.results.docs_dir)
     started = time.perf_counter()
-    poison_dirs = {}
-    for attack, config in cfg.results.attacks.items():
-        data = out / "poison" / attack / "data"
-        if not (data / "manifest.json").is_file():
-            run_recipe("poison", config, [f"output_dir={data.parent}"])
-        poison_dirs[attack] = str(data)
+    poison_dirs = {attack: poisoned_data(config, out / "poison" / attack) for attack, config in cfg.results.attacks.items()}
     bases, _ = pretrained_bases(cfg, out / "pretrain", log, families=cfg.results.families)
     rows = []
     for family in cfg.results.families:
