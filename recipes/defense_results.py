@@ -18,7 +18,9 @@ interrupted run continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 import time
 from datetime import date
 from pathlib import Path
@@ -62,11 +64,16 @@ def run_cell(cfg: Config, folder: Path, family: str, base: Path, poison_dir: str
     finetune = [*common, *cfg.demo.finetune_overrides.get(family, []), "dataset.name=jsonl",
                 f"dataset.path={poison_dir}/train.jsonl", *defense]
     evaluate = [*common, f"eval.poison_dir={poison_dir}", *cfg.results.eval_overrides]
-    settings = {"finetune": [cfg.demo.finetune_config, finetune], "evaluate": [cfg.demo.evaluate_config, evaluate]}
-    done = folder / "cell.json"
+    files = json.loads((Path(poison_dir) / "manifest.json").read_text())["files"]  # every file's sha256, images too
+    settings = {"finetune": [cfg.demo.finetune_config, finetune], "evaluate": [cfg.demo.evaluate_config, evaluate],
+                "poisoned_data": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()}
+    done, started_with = folder / "cell.json", folder / "settings.json"
     if done.is_file() and json.loads(done.read_text())["settings"] == settings:
         log.info("%s: reusing the finished cell", folder)
         return json.loads(done.read_text())["metrics"]
+    if folder.exists() and (not started_with.is_file() or json.loads(started_with.read_text()) != settings):
+        shutil.rmtree(folder)  # another cell's leftovers: its checkpoints must not be resumed
+    write_json(started_with, settings)  # an interrupted cell with these settings resumes its fine-tune
     started = time.perf_counter()
     trained = run_recipe("finetune", cfg.demo.finetune_config.format(family=family),
                          [*finetune, f"output_dir={folder / 'finetune'}"])

@@ -33,9 +33,18 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     assert report.count("- [") == 4  # pcr's two goals for each of the two attacks
     assert (docs / "results_asr_vs_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    mtime = (tmp_path / "run" / "mllm" / "sig" / "pcr" / "cell.json").stat().st_mtime
+    def mtimes():
+        return {p.parent.relative_to(tmp_path / "run"): p.stat().st_mtime for p in (tmp_path / "run").glob("mllm/*/*/cell.json")}
+
+    before = mtimes()
     assert recipe_main(cfg) == rows  # every cell reused
-    assert (tmp_path / "run" / "mllm" / "sig" / "pcr" / "cell.json").stat().st_mtime == mtime
+    assert mtimes() == before
+    # new attack settings: that attack is poisoned again and its cells rerun, the others are reused
+    sig = tmp_path / "poison_sig.yaml"
+    sig.write_text(sig.read_text().replace("attack:\n", "attack:\n  amplitude: 30.0\n"))
+    recipe_main(cfg)
+    after = mtimes()
+    assert {str(k) for k in after if after[k] != before[k]} == {"mllm/sig/none", "mllm/sig/pcr", "mllm/sig/abl"}
 
 
 def test_results_need_the_undefended_baseline(tmp_path):
