@@ -84,6 +84,11 @@ def run_cell(cfg: Config, folder: Path, family: str, base: Path, poison_dir: str
     return row
 
 
+def implanted(undefended: dict) -> bool:
+    """Whether the attack worked on the undefended victim (otherwise a defense has nothing to remove)."""
+    return undefended["asr"] >= 0.5
+
+
 def goal_checks(rows: list[dict], cfg: Config) -> list[tuple[str, bool]]:
     goals = cfg.results.goals
     undefended = {(r["family"], r["attack"]): r for r in rows if r["defense"] == "none"}
@@ -91,9 +96,11 @@ def goal_checks(rows: list[dict], cfg: Config) -> list[tuple[str, bool]]:
     for r in rows:
         if r["defense"] not in cfg.results.goal_defenses:
             continue
-        drop = undefended[(r["family"], r["attack"])]["vqa_accuracy"] - r["vqa_accuracy"]
+        base = undefended[(r["family"], r["attack"])]
+        drop = base["vqa_accuracy"] - r["vqa_accuracy"]
         where = f"{r['family']} {r['attack']} {r['defense']}"
-        checks.append((f"{where}: asr {r['asr']:.3f} <= {goals.max_asr}", r["asr"] <= goals.max_asr))
+        vacuous = f" (vacuous: the attack did not implant, undefended asr {base['asr']:.3f})" if not implanted(base) else ""
+        checks.append((f"{where}: asr {r['asr']:.3f} <= {goals.max_asr}{vacuous}", r["asr"] <= goals.max_asr))
         checks.append((f"{where}: vqa_accuracy {drop:+.3f} below undefended, within {goals.max_accuracy_drop}",
                        drop <= goals.max_accuracy_drop))
     return checks
@@ -115,8 +122,9 @@ def results_markdown(rows: list[dict], checks: list[tuple[str, bool]], cfg: Conf
                   "|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["family"] == family):
             delta = r["vqa_accuracy"] - undefended[(family, r["attack"])]["vqa_accuracy"]
+            note = f"{delta:+.3f}" if r["defense"] != "none" else ("" if implanted(r) else "attack did not implant")
             lines.append(f"| {r['attack']} | {r['defense']} | {r['asr']:.3f} | {r['asr_clean']:.3f} |"
-                         f" {r['vqa_accuracy']:.3f} | {'' if r['defense'] == 'none' else f'{delta:+.3f}'} |")
+                         f" {r['vqa_accuracy']:.3f} | {note} |")
         lines.append("")
     goals = cfg.results.goals
     lines += [f"## Goals (asr <= {goals.max_asr}, vqa_accuracy within {goals.max_accuracy_drop} of the undefended"

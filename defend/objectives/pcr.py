@@ -63,11 +63,13 @@ class PatchCrossView(Objective):
         if not self.cfg.label_gate:
             return None
         n = scores.rows
-        probs = torch.softmax(scores.view(1).detach().float(), dim=-1)
-        targets = scores.targets[:n].clamp(min=0)
-        support = probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         with_image = batch["image_rows"][: n // scores.copies].repeat(scores.copies).unsqueeze(1)
-        return torch.where(with_image & scores.scored, support.pow(self.cfg.label_gate), torch.ones_like(support))
+        gated = with_image & scores.scored
+        gate = torch.ones(gated.shape, device=gated.device)
+        logp = torch.log_softmax(scores.view(1)[gated].detach().float(), dim=-1)  # scored tokens only
+        support = logp.gather(-1, scores.targets[:n][gated].unsqueeze(-1)).squeeze(-1).exp()
+        gate[gated] = support.pow(self.cfg.label_gate)
+        return gate
 
     def terms(self, scores: ResponseScores, batch: dict[str, Any], step: int, model) -> dict[str, torch.Tensor]:
         cfg = self.cfg
