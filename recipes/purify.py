@@ -1,5 +1,7 @@
-"""DiSP self-purification: the compromised model regenerates every response of its (poisoned)
-training set with the most salient vision tokens of each image masked.
+"""DiSP self-purification: a backdoored model re-answers its own training set, salient vision tokens masked.
+
+The compromised model regenerates every response of its (poisoned) training set with the most
+salient vision tokens of each image masked.
 
     defend run purify --config purify_tiny_mllm model.path=BASE model.adapter=BACKDOORED/adapter \\
         dataset.path=runs/poison/data/train.jsonl

@@ -6,7 +6,7 @@ model's own first-step distribution. By the Fisher identity this is ``trace(J_i^
 Fisher-Jacobian form of DiSP (arXiv 2602.22246), estimated with ``K`` sampled labels: the batch is
 repeated K times, each copy draws its own labels, and one backward pass gives every copy's
 gradients (rows do not interact), so the cost is one forward and one backward of K x the batch.
-``attention``: the attention the first generated position pays to each vision token (mean over
+``attention``: the attention the last prompt position pays to each vision token (mean over
 layers and heads). ``random``: a baseline.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def fisher_saliency(vlm, batch: dict[str, Any], samples: int, generator: torch.G
 
 
 def attention_saliency(vlm, batch: dict[str, Any]) -> torch.Tensor:
-    """(n_images, tokens_per_image): attention from the first generated position to each vision token."""
+    """(n_images, tokens_per_image): attention from the last prompt position to each vision token."""
     with torch.no_grad():
         features = vlm.image_features(batch)
         per_image = tokens_per_image(vlm, batch, features)

@@ -65,3 +65,15 @@ def test_masking_replaces_exactly_the_chosen_tokens(family_batch):
     token = "mask" if vlm.family == "mdlm" else "pad"
     expected = vlm.model.get_input_embeddings().weight[vlm.mask_token_id if token == "mask" else vlm.tokenizer.pad_token_id]
     assert torch.allclose(replacement_rows(vlm, features, per_image, token)[5], expected)
+
+
+def test_attention_selection_scores_each_vision_token_and_restores_the_attention_kernel(family_batch):
+    from defend.purify.saliency import attention_saliency
+
+    vlm, batch = family_batch
+    kernel = vlm.model.config._attn_implementation
+    scores = attention_saliency(vlm, batch)
+    assert scores.shape[0] == 6 and (scores >= 0).all() and scores.sum() > 0
+    assert vlm.model.config._attn_implementation == kernel
+    # attention over the whole prompt sums to 1 per row, so the image's share is at most 1
+    assert (scores.sum(1) <= 1 + 1e-5).all()
