@@ -38,5 +38,5 @@ class AutoregressiveVLM(VisionLanguageModel):
     def first_step_logits(self, batch: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
         mask = batch["attention_mask"]
         out = self.model(inputs_embeds=self.embed(batch["input_ids"], features), attention_mask=mask,
-                         position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0))
+                         position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
         return out.logits[:, -1:]

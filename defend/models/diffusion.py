@@ -69,10 +69,11 @@ class MaskedDiffusionVLM(VisionLanguageModel):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         tokens = torch.cat([ids, torch.full((ids.shape[0], d.gen_length), self.mask_token_id, device=ids.device)], 1)
         mask = torch.cat([mask, torch.ones(ids.shape[0], d.gen_length, dtype=mask.dtype, device=mask.device)], 1)
+        keep = d.gen_length + 1  # the masks, and the position before them (shifted-logit models read it)
         logits = self.model(inputs_embeds=self.embed(tokens, features), attention_mask=mask,
-                            position_ids=position_ids_for(mask)).logits
-        logits = align_logits(logits, d.shifted_logits)
-        return logits[:, ids.shape[1]:ids.shape[1] + min(d.block_length, d.gen_length)]
+                            position_ids=position_ids_for(mask), logits_to_keep=keep).logits
+        logits = align_logits(logits, d.shifted_logits)[:, 1:]
+        return logits[:, : min(d.block_length, d.gen_length)]
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], features: torch.Tensor | None = None,

@@ -37,10 +37,11 @@ def masked_features(vlm, batch: dict[str, Any], ratio: float, selection: str, re
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's vision tokens with the top ``ratio`` of each image replaced; and the (n_images,
     tokens) mask of which were."""
-    scores = vision_token_scores(vlm, batch, selection, samples, generator)
+    with torch.no_grad():
+        features = vlm.image_features(batch)  # once: scored, then edited
+    scores = vision_token_scores(vlm, batch, selection, samples, generator, features)
     chosen = top_fraction(scores, ratio)
     with torch.no_grad():
-        features = vlm.image_features(batch)
         fill = replacement_rows(vlm, features, scores.shape[1], replacement)
         return torch.where(chosen.reshape(-1, 1), fill, features), chosen
 

@@ -25,27 +25,36 @@ def repeat_rows(batch: dict[str, Any], k: int) -> dict[str, Any]:
     return {key: v.repeat(k, *[1] * (v.dim() - 1)) if torch.is_tensor(v) else v for key, v in batch.items()}
 
 
-def fisher_saliency(vlm, batch: dict[str, Any], samples: int, generator: torch.Generator) -> torch.Tensor:
+def fisher_saliency(vlm, batch: dict[str, Any], samples: int, generator: torch.Generator,
+                    features: torch.Tensor | None = None) -> torch.Tensor:
     """(n_images, tokens_per_image): ``mean_k ||grad_{e_i} log p(y_k)||^2`` at the first generation step."""
-    with torch.no_grad():
-        features = vlm.image_features(batch)
+    if features is None:
+        with torch.no_grad():
+            features = vlm.image_features(batch)
     per_image = tokens_per_image(vlm, batch, features)
     repeated = repeat_rows(batch, samples)
     leaf = features.detach().repeat(samples, 1).requires_grad_(True)
-    with torch.enable_grad():
-        logits = vlm.first_step_logits(repeated, leaf).float()  # (K*B, P, V)
-        logp = torch.log_softmax(logits, dim=-1)
-        drawn = torch.multinomial(logp.detach().exp().flatten(0, 1), 1, generator=generator)
-        chosen = logp.flatten(0, 1).gather(1, drawn).sum()
-        (grad,) = torch.autograd.grad(chosen, leaf)
+    trainable = [p for p in vlm.model.parameters() if p.requires_grad]
+    try:  # only the vision tokens need gradients: the forward keeps nothing for the weights
+        for p in trainable:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            logits = vlm.first_step_logits(repeated, leaf).float()  # (K*B, P, V)
+            logp = torch.log_softmax(logits, dim=-1)
+            drawn = torch.multinomial(logp.detach().exp().flatten(0, 1), 1, generator=generator)
+            chosen = logp.flatten(0, 1).gather(1, drawn).sum()
+            (grad,) = torch.autograd.grad(chosen, leaf)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     scores = grad.float().pow(2).sum(-1)  # (K * n_tokens,)
     return scores.reshape(samples, -1, per_image).mean(0)
 
 
-def attention_saliency(vlm, batch: dict[str, Any]) -> torch.Tensor:
+def attention_saliency(vlm, batch: dict[str, Any], features: torch.Tensor | None = None) -> torch.Tensor:
     """(n_images, tokens_per_image): attention from the last prompt position to each vision token."""
     with torch.no_grad():
-        features = vlm.image_features(batch)
+        features = vlm.image_features(batch) if features is None else features
         per_image = tokens_per_image(vlm, batch, features)
         model = vlm.model
         previous = model.config._attn_implementation
@@ -61,18 +70,23 @@ def attention_saliency(vlm, batch: dict[str, Any]) -> torch.Tensor:
         return attention[image].reshape(-1, per_image)
 
 
-def random_saliency(vlm, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-    with torch.no_grad():
-        features = vlm.image_features(batch)
+def random_saliency(vlm, batch: dict[str, Any], generator: torch.Generator,
+                    features: torch.Tensor | None = None) -> torch.Tensor:
+    if features is None:
+        with torch.no_grad():
+            features = vlm.image_features(batch)
     per_image = tokens_per_image(vlm, batch, features)
     return torch.rand(features.shape[0] // per_image, per_image, generator=generator)
 
 
-def vision_token_scores(vlm, batch: dict[str, Any], selection: str, samples: int, generator: torch.Generator) -> torch.Tensor:
+def vision_token_scores(vlm, batch: dict[str, Any], selection: str, samples: int, generator: torch.Generator,
+                        features: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores of every vision token, (n_images, tokens_per_image); ``features``: the batch's
+    ``image_features`` if already computed."""
     if selection == "saliency":
-        return fisher_saliency(vlm, batch, samples, generator)
+        return fisher_saliency(vlm, batch, samples, generator, features)
     if selection == "attention":
-        return attention_saliency(vlm, batch)
+        return attention_saliency(vlm, batch, features)
     if selection == "random":
-        return random_saliency(vlm, batch, generator)
+        return random_saliency(vlm, batch, generator, features)
     raise ValueError(f"unknown selection '{selection}' (saliency, attention or random)")
