@@ -137,6 +137,9 @@ class PcrConfig:
     detach_original: bool = True  # the pull-apart moves only the perturbed view's output
     # task loss of each response token x (perturbed view's probability of the label) ** label_gate; 0: off
     label_gate: float = 1.0
+    # a label ranked in the perturbed view's top k is not gated (0: off); protects weakly supported
+    # clean answers from the gate's feedback loop (docs/pcr.md)
+    label_gate_top_k: int = 5
 
 
 @dataclass

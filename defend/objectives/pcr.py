@@ -67,8 +67,12 @@ class PatchCrossView(Objective):
         gated = with_image & scores.scored
         gate = torch.ones(gated.shape, device=gated.device)
         logp = torch.log_softmax(scores.view(1)[gated].detach().float(), dim=-1)  # scored tokens only
-        support = logp.gather(-1, scores.targets[:n][gated].unsqueeze(-1)).squeeze(-1).exp()
-        gate[gated] = support.pow(self.cfg.label_gate)
+        label_logp = logp.gather(-1, scores.targets[:n][gated].unsqueeze(-1))
+        support = label_logp.squeeze(-1).exp().pow(self.cfg.label_gate)
+        if self.cfg.label_gate_top_k:  # a label among the perturbed view's top k trains in full
+            rank = (logp > label_logp).sum(-1)
+            support = torch.where(rank < self.cfg.label_gate_top_k, torch.ones_like(support), support)
+        gate[gated] = support
         return gate
 
     def terms(self, scores: ResponseScores, batch: dict[str, Any], step: int, model) -> dict[str, torch.Tensor]:

@@ -96,5 +96,12 @@ def test_the_label_gate_is_the_perturbed_views_probability_of_the_label():
     # row 0 has an image: q(label)^2 on its scored tokens; row 1 is text-only: ungated
     assert gate[0].tolist() == pytest.approx([0.5 ** 2, 0.3 ** 2], rel=1e-5)
     assert gate[1].tolist() == [1.0, 1.0]
+    top2 = PatchCrossView(TrainingContext(load_config(None, ["objective.pcr.label_gate=2.0",
+                                                             "objective.pcr.label_gate_top_k=2"]), None, [], None))
+    gate = top2.loss_scale(scores, {"image_rows": torch.tensor([True, False] * 2)}, step=0)
+    assert gate[0].tolist() == pytest.approx([1.0, 1.0])  # labels ranked 1st and 2nd: ungated
+    top1 = PatchCrossView(TrainingContext(load_config(None, ["objective.pcr.label_gate_top_k=1"]), None, [], None))
+    assert top1.loss_scale(scores, {"image_rows": torch.tensor([True, False] * 2)}, step=0)[0].tolist() == \
+        pytest.approx([1.0, 0.3], rel=1e-5)
     off = PatchCrossView(TrainingContext(load_config(None, ["objective.pcr.label_gate=0"]), None, [], None))
     assert off.loss_scale(scores, {"image_rows": torch.tensor([True, False] * 2)}, step=0) is None
