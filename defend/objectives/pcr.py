@@ -6,7 +6,10 @@ perturbed (view 1). On the tokens the task loss scores, the loss adds
     discrepancy_weight * mean agreement(p_0, p_1)        (pulls the views apart, bounded in [0, w])
     entropy_weight     * mean max(0, entropy_target - H(p_1) / log V)   (the perturbed view stays uncertain)
 
-docs/pcr.md gives the reasons and the runs behind each choice and default.
+and gates the task loss: each response token's term is multiplied by ``p_1(label) ** label_gate``
+unless the label is among ``p_1``'s top ``label_gate_top_k`` (a backdoor target the model has not
+tied to the trigger yet hardly trains). docs/pcr.md gives the reasons and the runs behind each
+choice and default.
 """
 from __future__ import annotations
 
