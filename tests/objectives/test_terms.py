@@ -85,7 +85,7 @@ def test_pcr_pulls_only_the_perturbed_view_by_default():
 
 
 def test_the_label_gate_is_the_perturbed_views_probability_of_the_label():
-    cfg = load_config(None, ["objective.name=pcr", "objective.pcr.label_gate=2.0"])
+    cfg = load_config(None, ["objective.name=pcr", "objective.pcr.label_gate=2.0", "objective.pcr.label_gate_top_k=0"])
     pcr = PatchCrossView(TrainingContext(cfg, vlm=None, samples=[], collate=None))
     original = torch.zeros(2, 2, 3)
     perturbed = torch.stack([logits_of(0.2, 0.5, 0.3).expand(2, 3), logits_of(0.9, 0.05, 0.05).expand(2, 3)])
