@@ -45,10 +45,6 @@ class ResponseScores:
         ce[scored] = F.cross_entropy(self.view(0)[scored].float(), self.targets[: self.rows][scored], reduction="none")
         return ce
 
-    def row_losses(self) -> torch.Tensor:
-        """(n,) each row's contribution to the task loss (they sum to it)."""
-        return (self.token_ce * self.weight).sum(1)
-
     def sample_losses(self) -> torch.Tensor:
         """(n,) mean CE over each row's scored tokens (0 for a row with none): comparable across rows."""
         scored = self.scored

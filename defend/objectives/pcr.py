@@ -66,8 +66,7 @@ class PatchCrossView(Objective):
         if not self.cfg.label_gate:
             return None
         n = scores.rows
-        with_image = batch["image_rows"][: n // scores.copies].repeat(scores.copies).unsqueeze(1)
-        gated = with_image & scores.scored
+        gated = scored_with_image(scores, batch)
         gate = torch.ones(gated.shape, device=gated.device)
         logp = torch.log_softmax(scores.view(1)[gated].detach().float(), dim=-1)  # scored tokens only
         label_logp = logp.gather(-1, scores.targets[:n][gated].unsqueeze(-1))
@@ -80,8 +79,7 @@ class PatchCrossView(Objective):
 
     def terms(self, scores: ResponseScores, batch: dict[str, Any], step: int, model) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        with_image = batch["image_rows"][: scores.rows // scores.copies].repeat(scores.copies)
-        scored = scores.scored & with_image.unsqueeze(1)
+        scored = scored_with_image(scores, batch)
         original, perturbed = scores.view(0)[scored], scores.view(1)[scored]
         if original.shape[0] == 0:
             zero = scores.logits.sum() * 0
@@ -92,3 +90,9 @@ class PatchCrossView(Objective):
         return {"pcr_discrepancy": cfg.discrepancy_weight * alike,
                 "pcr_entropy": cfg.entropy_weight * (cfg.entropy_target - uncertainty).clamp(min=0).mean()}
 
+
+def scored_with_image(scores: ResponseScores, batch: dict[str, Any]) -> torch.Tensor:
+    """(n, L) bool: the scored tokens of view 0's rows that carry an image (a text-only row has two
+    identical views; diffusion noise copies repeat the rows)."""
+    with_image = batch["image_rows"][: scores.rows // scores.copies].repeat(scores.copies)
+    return scores.scored & with_image.unsqueeze(1)

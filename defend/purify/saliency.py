@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 
-def tokens_per_image(vlm, batch: dict[str, Any], features: torch.Tensor) -> int:
+def tokens_per_image(batch: dict[str, Any], features: torch.Tensor) -> int:
     n_images = batch["pixel_values"].shape[0]
     return features.shape[0] // n_images
 
@@ -31,7 +31,7 @@ def fisher_saliency(vlm, batch: dict[str, Any], samples: int, generator: torch.G
     if features is None:
         with torch.no_grad():
             features = vlm.image_features(batch)
-    per_image = tokens_per_image(vlm, batch, features)
+    per_image = tokens_per_image(batch, features)
     repeated = repeat_rows(batch, samples)
     leaf = features.detach().repeat(samples, 1).requires_grad_(True)
     trainable = [p for p in vlm.model.parameters() if p.requires_grad]
@@ -55,7 +55,7 @@ def attention_saliency(vlm, batch: dict[str, Any], features: torch.Tensor | None
     """(n_images, tokens_per_image): attention from the last prompt position to each vision token."""
     with torch.no_grad():
         features = vlm.image_features(batch) if features is None else features
-        per_image = tokens_per_image(vlm, batch, features)
+        per_image = tokens_per_image(batch, features)
         model = vlm.model
         previous = model.config._attn_implementation
         model.set_attn_implementation("eager")  # attention weights are only returned by the eager kernel
@@ -75,7 +75,7 @@ def random_saliency(vlm, batch: dict[str, Any], generator: torch.Generator,
     if features is None:
         with torch.no_grad():
             features = vlm.image_features(batch)
-    per_image = tokens_per_image(vlm, batch, features)
+    per_image = tokens_per_image(batch, features)
     return torch.rand(features.shape[0] // per_image, per_image, generator=generator)
 
 
