@@ -270,10 +270,18 @@ class DemoConfig:
 
 @dataclass
 class ResultsGoals:
-    """What each defense in ``goal_defenses`` should reach on every attack; RESULTS.md ticks each one."""
+    """What a defense should reach on every attack; RESULTS.md ticks each one."""
 
     max_asr: float = 0.25
-    max_accuracy_drop: float = 0.05  # vqa_accuracy below the undefended model's on the same attack
+    # vqa_accuracy at most this far below the undefended model's on the same attack (absolute points)
+    max_accuracy_drop: float | None = None
+    # vqa_accuracy at least this fraction of the undefended model's on the same attack
+    min_accuracy_ratio: float | None = None
+
+
+def _default_goals() -> dict[str, ResultsGoals]:
+    disp = ResultsGoals(max_asr=0.05, min_accuracy_ratio=0.95)  # the DiSP paper's claim
+    return {"pcr": ResultsGoals(max_asr=0.25, max_accuracy_drop=0.05), "disp": disp, "disp+pcr": disp}
 
 
 @dataclass
@@ -287,12 +295,35 @@ class ResultsConfig:
         "wanet": "poison_wanet_easy_vqa", "trojvlm": "poison_trojvlm_easy_vqa"})
     # defense name -> overrides of the victim's fine-tune ("none": the undefended victim)
     defenses: dict[str, list[str]] = field(default_factory=lambda: {
-        "none": [], "pcr": ["objective.name=pcr"], "abl": ["objective.name=abl"]})
+        "none": [], "pcr": ["objective.name=pcr"], "abl": ["objective.name=abl"],
+        "disp": [], "disp+pcr": ["objective.name=pcr"]})
+    # defenses (those present in ``defenses``) that first purify the poisoned set with the undefended
+    # victim (the ``disp`` recipe with config ``disp_config``), then fine-tune the base on the
+    # purified set with their overrides
+    purified: list[str] = field(default_factory=lambda: ["disp", "disp+pcr"])
+    disp_config: str = "disp_demo"
     # overrides of every evaluation (e.g. a smaller test set)
     eval_overrides: list[str] = field(default_factory=list)
     docs_dir: str = "docs"  # RESULTS.md, results.json and the plot are written here
-    goal_defenses: list[str] = field(default_factory=lambda: ["pcr"])
-    goals: ResultsGoals = field(default_factory=ResultsGoals)
+    # defense name -> what it should reach on every attack (defenses not named are reported, not
+    # checked; names not in ``defenses`` are ignored)
+    goals: dict[str, ResultsGoals] = field(default_factory=_default_goals)
+
+
+@dataclass
+class DispConfig:
+    """The ``disp`` recipe: purify (with this config) -> fine-tune on the purified set -> evaluate.
+
+    The later stages are ordinary recipe runs with their own configs; the chain passes them the
+    model (family, path), ``seed``, the data and this config's ``objective`` section."""
+
+    finetune_config: str = "finetune_tiny_mllm"
+    evaluate_config: str = "evaluate_tiny_mllm"
+    finetune_overrides: list[str] = field(default_factory=list)
+    evaluate_overrides: list[str] = field(default_factory=list)
+    # where the purification's shards and data go (null: output_dir/purify); chains with the same
+    # purify settings can share one folder and purify once
+    purify_dir: str | None = None
 
 
 @dataclass
@@ -333,6 +364,7 @@ class Config:
     attack: AttackConfig = field(default_factory=AttackConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
+    disp: DispConfig = field(default_factory=DispConfig)
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -389,6 +421,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return {_coerce(k, key_type, f"{key}.{k}", where) if key_type is not Any else k:
                     _coerce(v, value_type, f"{key}.{k}", where) if value_type is not Any else v
                     for k, v in value.items()}
+    elif dataclasses.is_dataclass(tp):  # e.g. the values of dict[str, ResultsGoals]
+        return _build(tp, value or {}, key + ".", where)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

@@ -7,10 +7,13 @@ then for each attack in ``results.attacks`` (a poison config, 10% of the easy-vq
 each defense in ``results.defenses`` (overrides of the victim's fine-tune, e.g.
 ``objective.name=pcr``): LoRA fine-tune on the poisoned set with the demo's victim recipe
 (``demo.finetune_config`` + ``demo.finetune_overrides``), then evaluate on the clean and the
-triggered test sets (``vqa_accuracy``, ``asr``, ``asr_clean``).
+triggered test sets (``vqa_accuracy``, ``asr``, ``asr_clean``). The defenses in
+``results.purified`` (``disp``, ``disp+pcr``) run the ``disp`` chain instead: the undefended victim
+(defense ``none``) purifies the poisoned set, the base is fine-tuned on the purified set with the
+defense's overrides, then evaluated the same way.
 
 Writes into ``results.docs_dir`` (generated, never edited by hand): ``RESULTS.md`` (a table per family,
-the goals of ``results.goals`` ticked for ``results.goal_defenses``), ``results.json`` (one row per
+each defense of ``results.goals`` checked against its goals), ``results.json`` (one row per
 family, attack and defense) and ``results_asr_vs_accuracy.png``. Every finished cell is kept in
 ``output_dir/<family>/<attack>/<defense>/cell.json``: a rerun with the same settings reuses it, so an
 interrupted run continues where it stopped.
@@ -39,9 +42,8 @@ def check_settings(cfg: Config) -> None:
     r = cfg.results
     if "none" not in r.defenses:
         raise ConfigError("results.defenses: include 'none: []' (the undefended victim every defense is compared with).")
-    missing = [d for d in r.goal_defenses if d not in r.defenses]
-    if missing:
-        raise ConfigError(f"results.goal_defenses: {missing} not in results.defenses {list(r.defenses)}.")
+    if "none" in r.purified:
+        raise ConfigError("results.purified: 'none' is the undefended victim the purified defenses start from.")
     unknown = set(cfg.demo.finetune_overrides) - set(r.families)
     if unknown:
         raise ConfigError(f"demo.finetune_overrides: {sorted(unknown)} not in results.families {r.families}.")
@@ -58,30 +60,65 @@ def poisoned_data(config: str, out: Path) -> str:
     return run_recipe("poison", config, [f"output_dir={out}"])["data_dir"]
 
 
-def run_cell(cfg: Config, folder: Path, family: str, base: Path, poison_dir: str, defense: list[str], log) -> dict:
-    """Fine-tune and evaluate one (family, attack, defense); reuse a finished cell with the same settings."""
-    common = [f"seed={cfg.seed}", f"model.family={family}", f"model.path={base}"]
-    finetune = [*common, *cfg.demo.finetune_overrides.get(family, []), "dataset.name=jsonl",
-                f"dataset.path={poison_dir}/train.jsonl", *defense]
-    evaluate = [*common, f"eval.poison_dir={poison_dir}", *cfg.results.eval_overrides]
-    files = json.loads((Path(poison_dir) / "manifest.json").read_text())["files"]  # every file's sha256, images too
-    settings = {"finetune": [cfg.demo.finetune_config, finetune], "evaluate": [cfg.demo.evaluate_config, evaluate],
-                "poisoned_data": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()}
+def run_cell(cfg: Config, folder: Path, settings: dict, work, log) -> dict:
+    """Run ``work(folder)`` -> metrics once per ``settings``: a finished cell with the same settings is reused."""
     done, started_with = folder / "cell.json", folder / "settings.json"
     if done.is_file() and json.loads(done.read_text())["settings"] == settings:
         log.info("%s: reusing the finished cell", folder)
         return json.loads(done.read_text())["metrics"]
     if folder.exists() and (not started_with.is_file() or json.loads(started_with.read_text()) != settings):
         shutil.rmtree(folder)  # another cell's leftovers: its checkpoints must not be resumed
-    write_json(started_with, settings)  # an interrupted cell with these settings resumes its fine-tune
+    write_json(started_with, settings)  # an interrupted cell with these settings resumes where it stopped
     started = time.perf_counter()
-    trained = run_recipe("finetune", cfg.demo.finetune_config.format(family=family),
-                         [*finetune, f"output_dir={folder / 'finetune'}"])
-    metrics = run_recipe("evaluate", cfg.demo.evaluate_config.format(family=family),
-                         [*evaluate, f"model.adapter={trained['saved']}", f"output_dir={folder / 'evaluate'}"])
+    metrics = work(folder)
     row = {k: metrics[k] for k in METRICS} | {"n_clean": metrics["n"], "seconds": round(time.perf_counter() - started, 1)}
     write_json(done, {"settings": settings, "metrics": row})
     return row
+
+
+def data_hash(poison_dir: str) -> str:
+    files = json.loads((Path(poison_dir) / "manifest.json").read_text())["files"]  # every file's sha256, images too
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def victim_cell(cfg: Config, folder: Path, family: str, base: Path, poison_dir: str, defense: list[str], log) -> dict:
+    """Fine-tune on the poisoned set with the defense's overrides (none: the victim), then evaluate."""
+    common = [f"seed={cfg.seed}", f"model.family={family}", f"model.path={base}"]
+    finetune_config, evaluate_config = (c.format(family=family) for c in (cfg.demo.finetune_config, cfg.demo.evaluate_config))
+    finetune = [*common, *cfg.demo.finetune_overrides.get(family, []), "dataset.name=jsonl",
+                f"dataset.path={poison_dir}/train.jsonl", *defense]
+    evaluate = [*common, f"eval.poison_dir={poison_dir}", *cfg.results.eval_overrides]
+    settings = {"finetune": [finetune_config, finetune], "evaluate": [evaluate_config, evaluate],
+                "poisoned_data": data_hash(poison_dir)}
+
+    def work(folder: Path) -> dict:
+        trained = run_recipe("finetune", finetune_config, [*finetune, f"output_dir={folder / 'finetune'}"])
+        return run_recipe("evaluate", evaluate_config,
+                          [*evaluate, f"model.adapter={trained['saved']}", f"output_dir={folder / 'evaluate'}"])
+
+    return run_cell(cfg, folder, settings, work, log)
+
+
+def purified_cell(cfg: Config, folder: Path, family: str, base: Path, poison_dir: str, victim: Path,
+                  defense: list[str], log) -> dict:
+    """The ``disp`` chain: purify the poisoned set with the victim, fine-tune the base on it (with the
+    defense's overrides), evaluate. Defenses of one victim share its purification."""
+    chain = [f"seed={cfg.seed}", f"model.family={family}", f"model.path={base}",
+             f"model.adapter={victim / 'finetune' / 'adapter'}", "dataset.name=jsonl",
+             f"dataset.path={poison_dir}/train.jsonl", f"eval.poison_dir={poison_dir}",
+             f"disp.finetune_config={cfg.demo.finetune_config.format(family=family)}",
+             f"disp.evaluate_config={cfg.demo.evaluate_config.format(family=family)}",
+             f"disp.finetune_overrides={json.dumps(cfg.demo.finetune_overrides.get(family, []))}",
+             f"disp.evaluate_overrides={json.dumps(cfg.results.eval_overrides)}", *defense]
+    victim_settings = json.loads((victim / "cell.json").read_text())["settings"]
+    settings = {"disp": [cfg.results.disp_config, chain], "victim": victim_settings}
+
+    def work(folder: Path) -> dict:
+        shared = victim / "purified"  # goes with the victim when it is retrained; refuses other purify settings
+        return run_recipe("disp", cfg.results.disp_config,
+                          [*chain, f"disp.purify_dir={shared}", f"output_dir={folder}"])["evaluate"]
+
+    return run_cell(cfg, folder, settings, work, log)
 
 
 def implanted(undefended: dict) -> bool:
@@ -90,19 +127,24 @@ def implanted(undefended: dict) -> bool:
 
 
 def goal_checks(rows: list[dict], cfg: Config) -> list[tuple[str, bool]]:
-    goals = cfg.results.goals
     undefended = {(r["family"], r["attack"]): r for r in rows if r["defense"] == "none"}
     checks = []
     for r in rows:
-        if r["defense"] not in cfg.results.goal_defenses:
+        goals = cfg.results.goals.get(r["defense"])
+        if goals is None:
             continue
         base = undefended[(r["family"], r["attack"])]
-        drop = base["vqa_accuracy"] - r["vqa_accuracy"]
         where = f"{r['family']} {r['attack']} {r['defense']}"
         vacuous = f" (vacuous: the attack did not implant, undefended asr {base['asr']:.3f})" if not implanted(base) else ""
         checks.append((f"{where}: asr {r['asr']:.3f} <= {goals.max_asr}{vacuous}", r["asr"] <= goals.max_asr))
-        checks.append((f"{where}: vqa_accuracy {drop:+.3f} below undefended, within {goals.max_accuracy_drop}",
-                       drop <= goals.max_accuracy_drop))
+        if goals.max_accuracy_drop is not None:
+            drop = base["vqa_accuracy"] - r["vqa_accuracy"]
+            checks.append((f"{where}: vqa_accuracy {drop:+.3f} below undefended, within {goals.max_accuracy_drop}",
+                           drop <= goals.max_accuracy_drop))
+        if goals.min_accuracy_ratio is not None:
+            ratio = r["vqa_accuracy"] / base["vqa_accuracy"] if base["vqa_accuracy"] else 0.0
+            checks.append((f"{where}: vqa_accuracy {ratio:.3f} of undefended, at least {goals.min_accuracy_ratio}",
+                           ratio >= goals.min_accuracy_ratio))
     return checks
 
 
@@ -126,9 +168,7 @@ def results_markdown(rows: list[dict], checks: list[tuple[str, bool]], cfg: Conf
             lines.append(f"| {r['attack']} | {r['defense']} | {r['asr']:.3f} | {r['asr_clean']:.3f} |"
                          f" {r['vqa_accuracy']:.3f} | {note} |")
         lines.append("")
-    goals = cfg.results.goals
-    lines += [f"## Goals (asr <= {goals.max_asr}, vqa_accuracy within {goals.max_accuracy_drop} of the undefended"
-              " model)", "", *(f"- [{'x' if ok else ' '}] {name}" for name, ok in checks), ""]
+    lines += ["## Goals", "", *(f"- [{'x' if ok else ' '}] {name}" for name, ok in checks), ""]
     return "\n".join(lines)
 
 
@@ -142,9 +182,15 @@ def recipe_main(cfg: Config) -> list[dict]:
     rows = []
     for family in cfg.results.families:
         for attack, poison_dir in poison_dirs.items():
-            for defense, overrides in cfg.results.defenses.items():
-                metrics = run_cell(cfg, out / family / attack / defense, family, bases[family], poison_dir,
-                                   overrides, log)
+            cells = out / family / attack
+            order = ["none", *(d for d in cfg.results.defenses if d != "none")]  # the victim first
+            for defense in order:
+                overrides = cfg.results.defenses[defense]
+                if defense in cfg.results.purified:
+                    metrics = purified_cell(cfg, cells / defense, family, bases[family], poison_dir, cells / "none",
+                                            overrides, log)
+                else:
+                    metrics = victim_cell(cfg, cells / defense, family, bases[family], poison_dir, overrides, log)
                 rows.append({"family": family, "attack": attack, "defense": defense, **metrics})
                 log.info("%s %s %s: %s", family, attack, defense, {k: round(metrics[k], 3) for k in METRICS})
     checks = goal_checks(rows, cfg)

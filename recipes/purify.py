@@ -56,6 +56,32 @@ def check_inputs(cfg: Config) -> Path:
     return source
 
 
+def shard_settings(cfg: Config, source: Path) -> dict:
+    """Everything that decides a shard's content: finished shards are reused only under the same."""
+    stat = source.stat()
+    purify = {k: v for k, v in dataclasses.asdict(cfg.purify).items() if k not in ("actors", "cpus_per_actor", "gpus_per_actor")}
+    weights = sorted(Path(cfg.model.adapter).glob("adapter_model.*")) if cfg.model.adapter else []
+    return {"source": {"path": str(source.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+            "model": dataclasses.asdict(cfg.model), "adapter_sha256": [sha256_file(w) for w in weights], "dataset": dataclasses.asdict(cfg.dataset), "purify": purify,
+            "diffusion": dataclasses.asdict(cfg.diffusion), "max_new_tokens": cfg.eval.max_new_tokens,
+            "max_length": cfg.train.max_length}
+
+
+def check_resumable(out: Path, settings: dict) -> None:
+    """Record the settings beside the shards, or refuse to mix shards made under other settings."""
+    recorded = out / "shards" / "settings.json"
+    if recorded.is_file():
+        before = json.loads(recorded.read_text())
+        if before != settings:
+            changed = sorted(k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k))
+            raise ConfigError(f"{out / 'shards'} holds blocks purified with other settings (changed: {', '.join(changed)})."
+                              " Use another output_dir, or delete that folder to start over.")
+    elif any((out / "shards").glob("part-*.jsonl")):
+        raise ConfigError(f"{out / 'shards'} holds blocks of unknown settings (no settings.json); delete it to start over.")
+    else:
+        write_json(recorded, settings)
+
+
 def assemble(out: Path, n_blocks: int, manifest: dict) -> dict:
     """Concatenate the shards in block order into ``out/data`` (written whole or not at all)."""
     ids = hashlib.sha256()
@@ -89,7 +115,8 @@ def recipe_main(cfg: Config) -> dict:
     source = check_inputs(cfg)
     log = start_run(cfg, "purify")
     out = Path(cfg.output_dir)
-    blocks = plan_blocks(source, cfg.purify.block_size)
+    check_resumable(out, shard_settings(cfg, source))
+    blocks = plan_blocks(source, cfg.purify.block_size, cfg.dataset.max_samples)
     todo = [b for b in blocks if not shard_path(out, b.index).is_file()]
     log.info("%d blocks of %d rows, %d already purified; %d actors", len(blocks), cfg.purify.block_size,
              len(blocks) - len(todo), cfg.purify.actors)

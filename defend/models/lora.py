@@ -19,20 +19,40 @@ def language_model_prefix(model: torch.nn.Module) -> str:
     raise ConfigError(f"{type(model).__name__}: cannot find its language model; set lora.target_modules.")
 
 
-def language_model_linear_names(model: torch.nn.Module) -> list[str]:
-    """Full names of the language model's linear layers (what ``language_model`` targets)."""
-    prefix = language_model_prefix(model)
-    decoder = model.get_submodule(prefix)
-    linear_types = (torch.nn.Linear,)
+def linear_types() -> tuple[type, ...]:
+    types: tuple[type, ...] = (torch.nn.Linear,)
     try:
         import bitsandbytes as bnb
 
-        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+        types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     except ImportError:
         pass
+    return types
+
+
+def linear_names(model: torch.nn.Module, prefix: str) -> list[str]:
+    """Full names of the linear layers inside the submodule ``prefix`` (the output head excluded)."""
     # the output head is no decoder layer, though some get_decoder()s (BLIP-2's OPTForCausalLM) hold it
     head = model.get_output_embeddings()
-    return [f"{prefix}.{n}" for n, m in decoder.named_modules() if isinstance(m, linear_types) and m is not head]
+    return [f"{prefix}.{n}" for n, m in model.get_submodule(prefix).named_modules()
+            if isinstance(m, linear_types()) and m is not head]
+
+
+def language_model_linear_names(model: torch.nn.Module) -> list[str]:
+    """Full names of the language model's linear layers (what ``language_model`` targets)."""
+    return linear_names(model, language_model_prefix(model))
+
+
+def expand_target(model: torch.nn.Module, target: str) -> list[str]:
+    """``language_model``, or the name of a container (e.g. ``vision_tower``): its linear layers."""
+    if target == LANGUAGE_MODEL:
+        return language_model_linear_names(model)
+    named = [n for n, m in model.named_modules()
+             if (n == target or n.endswith("." + target)) and not isinstance(m, linear_types())]
+    if not named:
+        return [target]  # a linear layer's name (suffix) or a pattern: peft matches it
+    inside = [name for prefix in named for name in linear_names(model, prefix)]
+    return inside or [target]  # no linear layer inside (an embedding, a conv): peft decides
 
 
 def apply_lora(model: torch.nn.Module, lora: LoraConfig, quantized: bool) -> torch.nn.Module:
@@ -40,8 +60,8 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig, quantized: bool) -> tor
     targets = lora.target_modules
     if isinstance(targets, str):
         targets = language_model_linear_names(model) if targets == LANGUAGE_MODEL else targets
-    else:  # a list may name the language model alongside other modules (e.g. the projector)
-        targets = [name for t in targets for name in (language_model_linear_names(model) if t == LANGUAGE_MODEL else [t])]
+    else:  # names of containers (language_model, vision_tower, ...) stand for their linear layers
+        targets = [name for t in targets for name in expand_target(model, t)]
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)

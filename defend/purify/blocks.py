@@ -27,15 +27,19 @@ class Block:
     first_line: int  # 1-based line number of the block's first line
 
 
-def plan_blocks(path: Path, block_size: int) -> list[Block]:
-    """Blocks of ``block_size`` non-empty lines, found by one streaming pass (offsets only in memory)."""
-    blocks, start, first, count, line_no, offset = [], 0, 1, 0, 0, 0
+def plan_blocks(path: Path, block_size: int, max_rows: int | None = None) -> list[Block]:
+    """Blocks of ``block_size`` non-empty lines (the first ``max_rows`` only, when set), found by one
+    streaming pass (offsets only in memory)."""
+    blocks, start, first, count, line_no, offset, rows = [], 0, 1, 0, 0, 0, 0
     with path.open("rb") as handle:
         for line in handle:
+            if max_rows is not None and rows == max_rows:
+                break
             line_no += 1
             offset += len(line)
             if line.strip():
                 count += 1
+                rows += 1
             if count == block_size:
                 blocks.append(Block(len(blocks), start, offset, first))
                 start, first, count = offset, line_no + 1, 0

@@ -22,3 +22,15 @@ def test_a_target_list_may_add_modules_to_the_language_model_alias(make_cfg):
     lora = apply_lora(vlm.model, cfg.lora, quantized=False)
     got = {n.removeprefix("base_model.model.") for n in adapted(lora)}
     assert got == set(names) | {"model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"}
+
+
+def test_a_container_name_targets_every_linear_layer_inside_it(make_cfg):
+    import torch
+
+    cfg = make_cfg("mllm", "lora.target_modules=[language_model,vision_tower]")
+    vlm = load_model(cfg)
+    tower = [n for n, m in vlm.model.named_modules() if "vision_tower." in n and isinstance(m, torch.nn.Linear)]
+    names = language_model_linear_names(vlm.model)
+    lora = apply_lora(vlm.model, cfg.lora, quantized=False)
+    got = {n.removeprefix("base_model.model.") for n in adapted(lora)}
+    assert tower and got == set(names) | set(tower)

@@ -135,3 +135,34 @@ def test_a_model_that_cannot_load_fails_before_any_output(tmp_path):
     with pytest.raises(ConfigError, match="model"):
         recipe_main(cfg)
     assert not (tmp_path / "o").exists()
+
+
+def test_shards_of_other_settings_are_never_mixed_into_a_run(reference):
+    from recipes.purify import recipe_main
+
+    source, _, out = reference
+    before = (out / "data" / "train.jsonl").read_bytes()
+    cfg = load_config("purify_tiny_mllm", [*TINY_TEST_OVERRIDES, f"dataset.path={source}", f"output_dir={out}",
+                                           "purify.block_size=4", "purify.batch_size=4", "eval.max_new_tokens=3",
+                                           "purify.mask_ratio=0.2"])
+    with pytest.raises(ConfigError, match="other settings \\(changed: purify\\)"):
+        recipe_main(cfg)
+    assert (out / "data" / "train.jsonl").read_bytes() == before
+
+
+def test_max_samples_purifies_only_the_first_rows(tmp_path):
+    from defend.purify.blocks import plan_blocks
+
+    source, _ = write_input(tmp_path)  # 28 lines, 24 good
+    blocks = plan_blocks(source, 4, max_rows=10)
+    assert [b.index for b in blocks] == [0, 1, 2] and blocks[-1].first_line == 9
+    assert len(source.read_bytes()[:blocks[-1].end].splitlines()) == 10
+
+
+def test_disp_needs_the_backdoored_adapter(tmp_path):
+    from recipes.disp import recipe_main
+
+    cfg = load_config("disp_demo", [f"output_dir={tmp_path / 'o'}", "dataset.path=x.jsonl"])
+    with pytest.raises(ConfigError, match="model.adapter"):
+        recipe_main(cfg)
+    assert not (tmp_path / "o").exists()

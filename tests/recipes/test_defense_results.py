@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import yaml
 
 from defend.config import ConfigError, load_config
 from recipes.defense_results import recipe_main
@@ -13,24 +14,36 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     (tmp_path / "poison_sig.yaml").write_text(
         (tmp_path / "poison_mllm.yaml").read_text().replace("name: badnets", "name: sig"))
     docs = tmp_path / "docs"
+    (tmp_path / "disp_mllm.yaml").write_text(yaml.safe_dump({
+        "dataset": {"name": "jsonl", "max_samples": 12},
+        "purify": {"mask_ratio": 0.5, "block_size": 4, "batch_size": 4, "actors": 1},
+        "eval": {"max_new_tokens": 2}, "train": {"max_length": 64}}))
     # seed 1: its own cached base, so the demo's test still sees a cold cache for seed 0
     cfg = make_cfg("mllm", *stages, "seed=1", "results.families=[mllm]",
                    f"results.attacks={{badnets: {poison}, sig: {tmp_path / 'poison_sig.yaml'}}}",
                    "results.defenses={none: [], pcr: [objective.name=pcr, objective.pcr.patch_size=16],"
-                   " abl: [objective.name=abl, objective.abl.isolation_steps=1]}",
+                   " abl: [objective.name=abl, objective.abl.isolation_steps=1], disp: []}",
+                   f"results.disp_config={tmp_path / 'disp_mllm.yaml'}",
                    "results.eval_overrides=[eval.max_samples=4]", f"results.docs_dir={docs}")
     rows = recipe_main(cfg)
     saved = json.loads((docs / "results.json").read_text())
-    assert [(r["attack"], r["defense"]) for r in saved] == [(a, d) for a in ("badnets", "sig") for d in ("none", "pcr", "abl")]
+    assert [(r["attack"], r["defense"]) for r in saved] == [(a, d) for a in ("badnets", "sig") for d in ("none", "pcr", "abl", "disp")]
     for row in saved:
         assert set(row) == {"family", "attack", "defense", "asr", "asr_clean", "vqa_accuracy"}
         cell = json.loads((tmp_path / "run" / "mllm" / row["attack"] / row["defense"] / "cell.json").read_text())
         assert cell["metrics"]["asr"] == row["asr"] and cell["metrics"]["n_clean"] == 4
     trained = (tmp_path / "run" / "mllm" / "sig" / "pcr" / "finetune" / "train_log.jsonl").read_text()
     assert "pcr_discrepancy" in trained  # the defense's overrides reached the fine-tune
+    # disp: the victim purified the first 12 poisoned rows, the base was fine-tuned on them (not the victim)
+    purified = tmp_path / "run" / "mllm" / "sig" / "none" / "purified" / "data"
+    manifest = json.loads((purified / "manifest.json").read_text())
+    assert manifest["counts"]["rows"] == 12 and manifest["model"]["adapter"].endswith("sig/none/finetune/adapter")
+    recovered = yaml.safe_load((tmp_path / "run" / "mllm" / "sig" / "disp" / "finetune" / "config.yaml").read_text())
+    assert recovered["dataset"]["path"] == str(purified / "train.jsonl") and recovered["model"]["adapter"] is None
+    assert recovered["train"]["max_steps"] == 2  # the victim's recipe (the demo's finetune stage config)
     report = (docs / "RESULTS.md").read_text()
     assert "do not edit by hand" in report and "| sig | abl |" in report
-    assert report.count("- [") == 4  # pcr's two goals for each of the two attacks
+    assert report.count("- [") == 4 + 4  # pcr's two goals, and disp's two, for each of the two attacks
     assert (docs / "results_asr_vs_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def mtimes():
@@ -44,7 +57,7 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     sig.write_text(sig.read_text().replace("attack:\n", "attack:\n  amplitude: 30.0\n"))
     recipe_main(cfg)
     after = mtimes()
-    assert {str(k) for k in after if after[k] != before[k]} == {"mllm/sig/none", "mllm/sig/pcr", "mllm/sig/abl"}
+    assert {str(k) for k in after if after[k] != before[k]} == {f"mllm/sig/{d}" for d in ("none", "pcr", "abl", "disp")}
 
 
 def test_results_need_the_undefended_baseline(tmp_path):
