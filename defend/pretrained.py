@@ -16,13 +16,23 @@ from defend.config import Config, load_config
 from defend.models.tiny import cache_root
 
 
+def flat(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in settings.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
+    return out
+
+
 def stage_key(*stages: tuple[str, str, list[str]]) -> str:
-    """Cache key of a chain of stages: (recipe, config, overrides) each, by their resolved settings."""
+    """Cache key of a chain of stages: (recipe, config, overrides) each, by the resolved settings that
+    differ from the defaults (a new config key with its default keeps the cache; a change that must
+    not reuse it bumps ``defend.__version__``)."""
+    defaults = flat(dataclasses.asdict(Config()))
     settings: list = [defend.__version__]
     for recipe, name, overrides in stages:
-        stage = dataclasses.asdict(load_config(name, overrides))
+        stage = flat(dataclasses.asdict(load_config(name, overrides)))
         stage.pop("output_dir")
-        settings.append([recipe, stage])
+        settings.append([recipe, {k: v for k, v in stage.items() if k not in defaults or defaults[k] != v}])
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
