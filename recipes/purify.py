@@ -62,7 +62,8 @@ def shard_settings(cfg: Config, source: Path) -> dict:
     purify = {k: v for k, v in dataclasses.asdict(cfg.purify).items() if k not in ("actors", "cpus_per_actor", "gpus_per_actor")}
     weights = sorted(Path(cfg.model.adapter).glob("adapter_model.*")) if cfg.model.adapter else []
     return {"source": {"path": str(source.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns},
-            "model": dataclasses.asdict(cfg.model), "adapter_sha256": [sha256_file(w) for w in weights], "dataset": dataclasses.asdict(cfg.dataset), "purify": purify,
+            "model": dataclasses.asdict(cfg.model), "adapter_sha256": [sha256_file(w) for w in weights],
+            "dataset": dataclasses.asdict(cfg.dataset), "purify": purify,
             "diffusion": dataclasses.asdict(cfg.diffusion), "max_new_tokens": cfg.eval.max_new_tokens,
             "max_length": cfg.train.max_length}
 

@@ -33,9 +33,9 @@ def linear_types() -> tuple[type, ...]:
 def linear_names(model: torch.nn.Module, prefix: str) -> list[str]:
     """Full names of the linear layers inside the submodule ``prefix`` (the output head excluded)."""
     # the output head is no decoder layer, though some get_decoder()s (BLIP-2's OPTForCausalLM) hold it
-    head = model.get_output_embeddings()
+    head, linear = model.get_output_embeddings(), linear_types()
     return [f"{prefix}.{n}" for n, m in model.get_submodule(prefix).named_modules()
-            if isinstance(m, linear_types()) and m is not head]
+            if isinstance(m, linear) and m is not head]
 
 
 def language_model_linear_names(model: torch.nn.Module) -> list[str]:
@@ -47,8 +47,9 @@ def expand_target(model: torch.nn.Module, target: str) -> list[str]:
     """``language_model``, or the name of a container (e.g. ``vision_tower``): its linear layers."""
     if target == LANGUAGE_MODEL:
         return language_model_linear_names(model)
+    linear = linear_types()
     named = [n for n, m in model.named_modules()
-             if (n == target or n.endswith("." + target)) and not isinstance(m, linear_types())]
+             if (n == target or n.endswith("." + target)) and not isinstance(m, linear)]
     if not named:
         return [target]  # a linear layer's name (suffix) or a pattern: peft matches it
     inside = [name for prefix in named for name in linear_names(model, prefix)]
