@@ -1,10 +1,12 @@
-"""The `defend` command: ls | cp | validate | run.
+"""The `defend` command: ls | cp | validate | run | submit.
 
     defend ls                                   recipes and shipped configs
     defend cp finetune ./my_finetune.py         copy a recipe (or config) out to adapt it
     defend validate finetune_tiny_mllm train.lr=1e-4
     defend run finetune --config finetune_tiny_mllm train.max_steps=20
     defend run ./my_finetune.py --config my.yaml
+    defend submit slurm finetune --config my.yaml slurm.nodes=2 slurm.gpus_per_node=8 [--dry-run]
+    defend submit ray purify --config my.yaml ray.address=http://HEAD:8265 output_dir=/shared/runs/p1
 """
 from __future__ import annotations
 
@@ -119,6 +121,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_local(cfg.launcher, cfg.nproc, args.recipe, args.config, args.overrides)
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    resolve_recipe(args.recipe)  # a wrong name fails here, not on the cluster
+    if args.where == "slurm":
+        from launchers.slurm import submit_slurm
+
+        return submit_slurm(args.recipe, cfg, dry_run=args.dry_run, wait=args.wait)
+    if args.dry_run or args.wait:
+        raise ConfigError("--dry-run and --wait are for `defend submit slurm`; `submit ray` always streams the"
+                          " job's logs and returns its exit status.")
+    from launchers.ray_job import submit_ray
+
+    return submit_ray(args.recipe, args.config, args.overrides, cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defend", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="a config name (defend ls) or a .yaml file")
     run.add_argument("overrides", nargs="*", metavar="key=value")
     run.set_defaults(func=cmd_run)
+    submit = sub.add_parser("submit", help="run a recipe on a Slurm or Ray cluster")
+    submit.add_argument("where", choices=["slurm", "ray"])
+    submit.add_argument("recipe", help="a recipe name (defend ls) or a recipe .py file")
+    submit.add_argument("--config", required=True, help="a config name (defend ls) or a .yaml file")
+    submit.add_argument("--dry-run", action="store_true", help="slurm: print the sbatch script, submit nothing")
+    submit.add_argument("--wait", action="store_true", help="slurm: wait for the job, return its exit status")
+    submit.add_argument("overrides", nargs="*", metavar="key=value")
+    submit.set_defaults(func=cmd_submit)
     return parser
 
 

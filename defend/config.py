@@ -338,6 +338,37 @@ class RayConfig:
     placement_timeout_s: float = 60.0
     # environment variables the workers get on top of the run's offline/threads settings
     env: dict[str, str] = field(default_factory=dict)
+    # `defend submit ray`: the folder sent with the job (its files are the job's working directory);
+    # null: send nothing (the cluster's nodes already see the code and configs, e.g. a shared filesystem)
+    working_dir: str | None = "."
+    # `defend submit ray`: the interpreter on the cluster that has defend installed
+    job_python: str = "python"
+
+
+@dataclass
+class SlurmConfig:
+    """``defend submit slurm``: the sbatch script rendered from a template in ``slurm/``."""
+
+    # auto: train_deepspeed (torchrun per node) for finetune/pretrain_vision/evaluate, purify_ray
+    # for purify, ray_cluster for the rest (disp, ...) and for launcher=ray; or a template's path
+    template: str = "auto"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    procs_per_node: int | None = None  # DeepSpeed ranks per node; null: gpus_per_node (1 without GPUs)
+    cpus_per_task: int = 2  # CPUs of each node's task (its ranks, or its Ray node)
+    mem: str | None = None  # per node, e.g. "64G"; null: the partition's default
+    time: str = "01:00:00"
+    partition: str | None = None
+    account: str | None = None
+    job_name: str | None = None  # null: defend-<recipe>
+    # the scheduler sends SIGUSR1 this long before the time limit: the run checkpoints, the job requeues
+    signal_seconds: int = 300
+    max_requeues: int = 3  # a job stopped by the warning signal resubmits itself at most this often
+    container_image: str | None = None  # pyxis/enroot: every srun step runs in this image
+    container_mounts: str | None = None
+    setup: list[str] = field(default_factory=list)  # shell lines before the run (module load, conda activate)
+    python: str | None = None  # the interpreter on the nodes; null: the one running `defend submit`
+    sbatch_args: list[str] = field(default_factory=list)  # more "#SBATCH" options, e.g. ["--qos=high"]
 
 
 @dataclass
@@ -361,6 +392,7 @@ class Config:
     launcher: Literal["none", "torchrun", "deepspeed", "ray"] = "none"
     nproc: int = 1
     ray: RayConfig = field(default_factory=RayConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
