@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench results ray-local-config clean
+.PHONY: setup demo test bench results ray-local-config cluster-deps clean
 
 setup: $(VENV)/.installed
 
@@ -25,7 +25,12 @@ ray-local-config:
 demo: setup ray-local-config
 	OMP_NUM_THREADS=$$(nproc) $(VENV)/bin/defend run demo --config demo
 
-test: setup ray-local-config
+# Debian's Slurm and munge for the cluster tests (tests/cluster): installed when root, else the
+# command to install them is printed (the tests then skip, or fail under CI=true)
+cluster-deps:
+	-@tests/cluster/install_deps.sh
+
+test: setup ray-local-config cluster-deps
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 # regenerates docs/RESULTS.md, docs/results.json and the plot (every attack x defense x family)

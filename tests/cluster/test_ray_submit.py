@@ -1,0 +1,73 @@
+"""`defend submit ray` to a real Ray head (`ray start --head`, dashboard on 127.0.0.1): a copied
+recipe and config travel in the working dir, logs stream back, the exit status is the job's."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from defend.engine.distributed import free_port
+from launchers.ray_train import ensure_local_ray_config
+from tests.distributed.runs import SMALL_RUN, losses
+
+RAY = str(Path(sys.executable).with_name("ray"))
+# Ray >= 2.5x starts local clusters with token authentication (token in ~/.ray/auth_token); the
+# head and the job client must both be in token mode
+RAY_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+
+
+@pytest.fixture(scope="module")
+def ray_head(defend_cache):
+    ensure_local_ray_config()  # before any Ray starts: no cloud-metadata probe
+    port, dashboard = free_port(), free_port()
+    start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats"]
+    subprocess.run(start, check=True, capture_output=True, timeout=120, env={**RAY_ENV, "DEFEND_CACHE": str(defend_cache)})
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=RAY_ENV)
+
+
+def submit(cwd: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    """``defend submit ray``; the head runs this interpreter (a cluster's would be its own: ray.job_python)."""
+    return subprocess.run([sys.executable, "-m", "defend.cli", "submit", "ray", *args, f"ray.job_python={sys.executable}"],
+                          capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=RAY_ENV)
+
+
+def test_a_copied_recipe_runs_on_the_head_as_2_ray_train_workers_and_its_logs_stream_back(ray_head, tmp_path):
+    project = tmp_path / "project"  # a user's folder: their copy of the recipe and config
+    project.mkdir()
+    shutil.copy(Path(__file__).parents[2] / "recipes" / "finetune.py", project / "my_finetune.py")
+    shutil.copy(Path(__file__).parents[2] / "recipes" / "configs" / "finetune_tiny_mllm.yaml", project / "my.yaml")
+    out = tmp_path / "run"
+    done = submit(project, "my_finetune.py", "--config", "my.yaml", *SMALL_RUN, "launcher=ray", "nproc=2",
+                  "train.max_steps=2", f"output_dir={out}", f"ray.address={ray_head}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "submitted Ray job" in done.stdout and "step 2/2" in done.stdout  # the job's log, streamed
+    assert list(losses(out)) == [1, 2] and (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_failing_job_returns_its_exit_status_and_bad_submissions_fail_before_submitting(ray_head, tmp_path):
+    failing = submit(tmp_path, "finetune", "--config", "finetune_tiny_mllm", *SMALL_RUN, "dataset.name=jsonl",
+                     f"dataset.path={tmp_path / 'missing.jsonl'}", f"output_dir={tmp_path / 'run'}",
+                     f"ray.address={ray_head}")
+    assert failing.returncode == 2, failing.stdout[-3000:]  # defend's exit status for a data error
+    assert "missing.jsonl" in failing.stdout and "failed" in failing.stdout
+
+    relative = submit(tmp_path, "finetune", "--config", "finetune_tiny_mllm", "output_dir=runs/x",
+                      f"ray.address={ray_head}")
+    assert relative.returncode == 2 and "output_dir: 'runs/x' is relative" in relative.stderr
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "my.yaml").write_text("seed: 1\n")
+    (tmp_path / "project").mkdir()
+    away = submit(tmp_path / "project", "finetune", "--config", str(outside / "my.yaml"),
+                  f"output_dir={tmp_path / 'run'}", f"ray.address={ray_head}")
+    assert away.returncode == 2 and "outside ray.working_dir" in away.stderr
+    no_api = submit(tmp_path, "finetune", "--config", "finetune_tiny_mllm", f"output_dir={tmp_path / 'run'}",
+                    "ray.address=auto")
+    assert no_api.returncode == 2 and "needs the cluster's job API" in no_api.stderr
