@@ -327,6 +327,17 @@ class DispConfig:
 
 
 @dataclass
+class SweepConfig:
+    """The ``disp_sweep`` recipe: DiSP's masked inference on one model at every mask ratio x selection."""
+
+    mask_ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.7])
+    selections: list[Literal["saliency", "attention", "random"]] = field(
+        default_factory=lambda: ["saliency", "random", "attention"])
+    evaluate_config: str = "evaluate_tiny_mllm"
+    evaluate_overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RayConfig:
     """``launcher=ray``: where the workers run."""
 
@@ -397,6 +408,7 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
     disp: DispConfig = field(default_factory=DispConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:

@@ -31,6 +31,36 @@ def asr_accuracy_plot(rows: list[dict], path: Path) -> None:
     handles += [plt.Line2D([], [], color="gray", marker=m, linestyle="", label=d) for d, m in markers.items()]
     fig.legend(handles=handles, loc="center right", frameon=False)
     fig.tight_layout(rect=(0, 0, 0.85, 1))
+    save(fig, path)
+
+
+def mask_ratio_sweep_plot(rows: list[dict], path: Path) -> None:
+    """ASR (left) and clean accuracy (right) against the mask ratio, a line per selection method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for selection in dict.fromkeys(r["selection"] for r in rows):
+        line = sorted((r for r in rows if r["selection"] == selection), key=lambda r: r["mask_ratio"])
+        for ax, key in zip(axes, ("asr", "vqa_accuracy")):
+            ax.plot([r["mask_ratio"] for r in line], [r[key] for r in line], marker="o", label=selection)
+    for ax, label in zip(axes, ("attack success rate (triggered)", "clean vqa_accuracy")):
+        ax.set_xlabel("mask ratio (fraction of vision tokens masked)")
+        ax.set_ylabel(label)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="selection")
+    fig.suptitle(f"DiSP masked inference, {rows[0]['family']}")
+    fig.tight_layout()
+    save(fig, path)
+
+
+def save(fig, path: Path) -> None:
+    """Write the figure to a temp file, then rename (no half-written PNG)."""
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -41,7 +41,16 @@ class PurifyActor:
         counts = [purify_block(self.cfg, self.source, Block(int(i), int(s), int(e), int(f)), self.vlm, self.generate,
                                self.out)
                   for i, s, e, f in zip(batch["index"], batch["start"], batch["end"], batch["first_line"])]
-        return {k: [c[k] for c in counts] for k in ("block", "rows", "quarantined")}
+        memory = {"actor": os.getpid(), "peak_rss_mb": peak_rss_mb()}
+        return {k: [c[k] for c in counts] for k in ("block", "rows", "quarantined")} | {
+            k: [v] * len(counts) for k, v in memory.items()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def purify_on_ray(cfg: Config, source: Path, out: Path, blocks: list[Block]) -> Iterator[dict]:

@@ -111,7 +111,7 @@ def assemble(out: Path, n_blocks: int, manifest: dict) -> dict:
 
 
 def recipe_main(cfg: Config) -> dict:
-    from launchers.ray_purify import purify_on_ray
+    from launchers.ray_purify import peak_rss_mb, purify_on_ray
 
     source = check_inputs(cfg)
     log = start_run(cfg, "purify")
@@ -123,9 +123,11 @@ def recipe_main(cfg: Config) -> dict:
              len(blocks) - len(todo), cfg.purify.actors)
     started = time.perf_counter()
     progress = tqdm(total=len(blocks), initial=len(blocks) - len(todo), desc="purify blocks")
-    purified = 0
+    purified, actor_peaks, first_block = 0, {}, None
     for counts in (purify_on_ray(cfg, source, out, todo) if todo else []):
         purified += counts["rows"] + counts["quarantined"]
+        actor_peaks[counts["actor"]] = max(actor_peaks.get(counts["actor"], 0.0), counts["peak_rss_mb"])
+        first_block = first_block or time.perf_counter() - started  # actors' start and model load included
         progress.update(1)
         if counts["quarantined"]:
             log.warning("block %d: %d rows quarantined", counts["block"], counts["quarantined"])
@@ -137,9 +139,12 @@ def recipe_main(cfg: Config) -> dict:
         "purify": dataclasses.asdict(cfg.purify), "diffusion": dataclasses.asdict(cfg.diffusion),
         "eval": {"max_new_tokens": cfg.eval.max_new_tokens}})
     summary = {"data_dir": str(out / "data"), **manifest["counts"], "purify_seconds": round(seconds, 2),
-               "rows_per_second_this_run": round(purified / seconds, 2) if purified else None}
+               "seconds_to_first_block": round(first_block, 2) if first_block else None,
+               "rows_per_second_this_run": round(purified / seconds, 2) if purified else None,
+               "peak_rss_mb": {"driver": peak_rss_mb(), "actors": sorted(actor_peaks.values())}}
     log.info("purified %d rows (%d quarantined) -> %s", manifest["counts"]["rows"], manifest["counts"]["quarantined"],
              summary["data_dir"])
+    write_json(out / "purify_summary.json", summary)  # this run's timings and memory (the manifest: the data's)
     return summary
 
 

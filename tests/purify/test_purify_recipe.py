@@ -72,6 +72,14 @@ def test_every_good_row_once_in_input_order_and_bad_rows_quarantined_with_reason
     assert manifest["purify"]["mask_ratio"] == 0.45 and set(manifest["files"]) == {"train.jsonl", "quarantine.jsonl"}
 
 
+def test_the_run_reports_its_timings_and_the_peak_memory_of_the_driver_and_the_actor(reference):
+    _, _, out = reference
+    summary = json.loads((out / "purify_summary.json").read_text())
+    assert summary["rows"] == ROWS and 0 < summary["seconds_to_first_block"] <= summary["purify_seconds"]
+    peaks = summary["peak_rss_mb"]
+    assert len(peaks["actors"]) == 1 and 100 < peaks["actors"][0] < 4000 and 100 < peaks["driver"] < 4000
+
+
 def test_the_purified_set_is_what_finetune_reads(reference, tmp_path):
     _, _, out = reference
     from recipes.finetune import recipe_main
