@@ -38,7 +38,7 @@ def point(cfg: Config, folder: Path, selection: str, ratio: float, log) -> dict:
     """One evaluate run; reused when the folder holds a finished run with the same overrides."""
     p = cfg.purify
     overrides = [f"seed={cfg.seed}", f"model.family={cfg.model.family}", f"model.path={cfg.model.path}",
-                 f"model.adapter={json.dumps(cfg.model.adapter)}", f"eval.poison_dir={cfg.eval.poison_dir}",
+                 f"model.adapter={cfg.model.adapter or 'null'}", f"eval.poison_dir={cfg.eval.poison_dir}",
                  f"purify.mask_ratio={ratio}", f"purify.selection={selection}", f"purify.replacement={p.replacement}",
                  f"purify.saliency_samples={p.saliency_samples}", f"purify.seed={p.seed}", *cfg.sweep.evaluate_overrides]
     done = folder / "point.json"

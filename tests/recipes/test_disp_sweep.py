@@ -20,16 +20,27 @@ def poison_dir(tmp_path_factory):
 SMALL_EVAL = [*TINY_TEST_OVERRIDES, "eval.max_samples=12", "eval.batch_size=6", "eval.max_new_tokens=2"]
 
 
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    from defend.config import load_config
+    from recipes.finetune import recipe_main as finetune
+
+    out = tmp_path_factory.mktemp("victim")
+    return finetune(load_config("finetune_tiny_mllm", [*TINY_TEST_OVERRIDES, "dataset.max_samples=8",
+                                                       "train.max_steps=2", f"output_dir={out}"]))["saved"]
+
+
 def sweep_cfg(make_cfg, poison_dir, *extra):
     return make_cfg("mllm", f"eval.poison_dir={poison_dir}", "sweep.mask_ratios=[0.0, 0.5]",
                     "sweep.selections=[saliency, random]", f"sweep.evaluate_overrides={json.dumps(SMALL_EVAL)}", *extra)
 
 
-def test_each_point_is_the_masked_evaluate_run_and_the_unmasked_one_runs_once(make_cfg, poison_dir, tmp_path):
+def test_each_point_is_the_masked_evaluate_run_and_the_unmasked_one_runs_once(make_cfg, poison_dir, adapter,
+                                                                              tmp_path):
     from recipes.disp_sweep import recipe_main as sweep
     from recipes.evaluate import recipe_main as evaluate
 
-    cfg = sweep_cfg(make_cfg, poison_dir)
+    cfg = sweep_cfg(make_cfg, poison_dir, f"model.adapter={adapter}")
     rows = sweep(cfg)
     assert [(r["selection"], r["mask_ratio"]) for r in rows] == [("saliency", 0.0), ("saliency", 0.5),
                                                                  ("random", 0.0), ("random", 0.5)]
@@ -37,9 +48,13 @@ def test_each_point_is_the_masked_evaluate_run_and_the_unmasked_one_runs_once(ma
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["random_0.5", "saliency_0.5", "unmasked"]
     assert rows[0] == {**rows[2], "selection": "saliency"}  # one unmasked run starts both lines
     direct = evaluate(make_cfg("mllm", *SMALL_EVAL, f"eval.poison_dir={poison_dir}", "purify.mask_ratio=0.5",
-                               "purify.selection=random", f"output_dir={tmp_path / 'direct'}"))
+                               "purify.selection=random", f"model.adapter={adapter}", f"output_dir={tmp_path / 'direct'}"))
     for key in ("asr", "asr_clean", "vqa_accuracy"):
         assert rows[3][key] == direct[key]
+    from defend.config import load_config
+
+    point = load_config(str(out / "random_0.5" / "config.yaml"))
+    assert point.model.adapter == adapter and point.purify.mask_ratio == 0.5 and point.purify.selection == "random"
     predictions = (out / "random_0.5" / "predictions.jsonl").read_text()
     assert predictions == (tmp_path / "direct" / "predictions.jsonl").read_text()
     assert json.loads((out / "sweep.json").read_text()) == rows
