@@ -22,14 +22,21 @@ run_requeueable() {
     wait "$pid" && status=0 || status=$?
     kill -0 "$pid" 2>/dev/null || break  # a trapped signal interrupts `wait`; the run goes on
   done
+  if [ "$status" -gt 128 ]; then  # the run ended while `wait` was interrupted: ask for its own status
+    local again=0
+    wait "$pid" 2>/dev/null || again=$?
+    [ "$again" != 127 ] && status=$again
+  fi
   trap - USR1
   if [ "$stop_requested" = 1 ] && [ "$status" != 0 ]; then
-    if [ "${SLURM_RESTART_COUNT:-0}" -lt "${MAX_REQUEUES:-3}" ]; then
+    if [ "${SLURM_RESTART_COUNT:-0}" -ge "${MAX_REQUEUES:-3}" ]; then
+      echo "[defend] stopped by the warning signal and already requeued ${MAX_REQUEUES:-3} times (slurm.max_requeues): not again"
+    else
       echo "[defend] requeueing job $SLURM_JOB_ID (restart $(( ${SLURM_RESTART_COUNT:-0} + 1 ))): it resumes from the checkpoint"
-      scontrol requeue "$SLURM_JOB_ID"
-      sleep 300  # the requeue ends this job
+      scontrol requeue "$SLURM_JOB_ID" && sleep 300  # the requeue ends this job
+      echo "[defend] scontrol requeue failed (does the cluster allow requeueing? JobRequeue in slurm.conf):" \
+        "submit the same script again to resume"
     fi
-    echo "[defend] stopped by the warning signal and already requeued ${MAX_REQUEUES:-3} times (slurm.max_requeues): not again"
   fi
   return "$status"
 }
