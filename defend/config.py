@@ -360,8 +360,8 @@ class RayConfig:
 class SlurmConfig:
     """``defend submit slurm``: the sbatch script rendered from a template in ``slurm/``."""
 
-    # auto: train_deepspeed (torchrun per node) for finetune/pretrain_vision/evaluate, purify_ray
-    # for purify, ray_cluster for the rest (disp, ...) and for launcher=ray; or a template's path
+    # auto: purify_ray for purify, ray_cluster for disp and for launcher=ray, train_deepspeed
+    # (torchrun on every node) otherwise; or the path of your own template
     template: str = "auto"
     nodes: int = 1
     gpus_per_node: int = 0
