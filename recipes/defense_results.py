@@ -23,12 +23,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from datetime import date
 from pathlib import Path
 
 from defend.atomic import write_json, write_text
+from defend.cells import run_cell
 from defend.cli import run_recipe
 from defend.config import Config, ConfigError, load_config
 from defend.pretrained import pretrained_bases
@@ -60,20 +60,14 @@ def poisoned_data(config: str, out: Path) -> str:
     return run_recipe("poison", config, [f"output_dir={out}"])["data_dir"]
 
 
-def run_cell(folder: Path, settings: dict, work, log) -> dict:
-    """Run ``work(folder)`` -> metrics once per ``settings``: a finished cell with the same settings is reused."""
-    done, started_with = folder / "cell.json", folder / "settings.json"
-    if done.is_file() and json.loads(done.read_text())["settings"] == settings:
-        log.info("%s: reusing the finished cell", folder)
-        return json.loads(done.read_text())["metrics"]
-    if folder.exists() and (not started_with.is_file() or json.loads(started_with.read_text()) != settings):
-        shutil.rmtree(folder)  # another cell's leftovers: its checkpoints must not be resumed
-    write_json(started_with, settings)  # an interrupted cell with these settings resumes where it stopped
-    started = time.perf_counter()
-    metrics = work(folder)
-    row = {k: metrics[k] for k in METRICS} | {"n_clean": metrics["n"], "seconds": round(time.perf_counter() - started, 1)}
-    write_json(done, {"settings": settings, "metrics": row})
-    return row
+def timed_metrics(work):
+    """``work`` returning an evaluate run's metrics -> the row a results cell keeps (and its seconds)."""
+    def timed(folder: Path) -> dict:
+        started = time.perf_counter()
+        metrics = work(folder)
+        return {k: metrics[k] for k in METRICS} | {"n_clean": metrics["n"],
+                                                    "seconds": round(time.perf_counter() - started, 1)}
+    return timed
 
 
 def data_hash(poison_dir: str) -> str:
@@ -96,7 +90,7 @@ def victim_cell(cfg: Config, folder: Path, family: str, base: Path, poison_dir: 
         return run_recipe("evaluate", evaluate_config,
                           [*evaluate, f"model.adapter={trained['saved']}", f"output_dir={folder / 'evaluate'}"])
 
-    return run_cell(folder, settings, work, log)
+    return run_cell(folder, settings, timed_metrics(work), log)
 
 
 def purified_cell(cfg: Config, folder: Path, family: str, base: Path, poison_dir: str, victim: Path,
@@ -118,7 +112,7 @@ def purified_cell(cfg: Config, folder: Path, family: str, base: Path, poison_dir
         return run_recipe("disp", cfg.results.disp_config,
                           [*chain, f"disp.purify_dir={shared}", f"output_dir={folder}"])["evaluate"]
 
-    return run_cell(folder, settings, work, log)
+    return run_cell(folder, settings, timed_metrics(work), log)
 
 
 def implanted(undefended: dict) -> bool:

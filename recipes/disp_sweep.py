@@ -13,10 +13,10 @@ against the mask ratio, a line per selection) into ``output_dir``; a rerun reuse
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from defend.atomic import write_json, write_text
+from defend.cells import run_cell
 from defend.cli import run_recipe
 from defend.config import Config, ConfigError
 from defend.report import mask_ratio_sweep_plot
@@ -35,20 +35,18 @@ def check(cfg: Config) -> None:
 
 
 def point(cfg: Config, folder: Path, selection: str, ratio: float, log) -> dict:
-    """One evaluate run; reused when the folder holds a finished run with the same overrides."""
+    """One evaluate run, a cell: reused when the folder holds a finished run with the same overrides."""
     p = cfg.purify
     overrides = [f"seed={cfg.seed}", f"model.family={cfg.model.family}", f"model.path={cfg.model.path}",
                  f"model.adapter={cfg.model.adapter or 'null'}", f"eval.poison_dir={cfg.eval.poison_dir}",
                  f"purify.mask_ratio={ratio}", f"purify.selection={selection}", f"purify.replacement={p.replacement}",
                  f"purify.saliency_samples={p.saliency_samples}", f"purify.seed={p.seed}", *cfg.sweep.evaluate_overrides]
-    done = folder / "point.json"
-    if done.is_file() and json.loads(done.read_text())["overrides"] == overrides:
-        log.info("%s: reusing the finished point", folder)
-        return json.loads(done.read_text())["metrics"]
-    metrics = run_recipe("evaluate", cfg.sweep.evaluate_config, [*overrides, f"output_dir={folder}"])
-    kept = {k: metrics[k] for k in (*METRICS, "samples_per_second")}
-    write_json(done, {"overrides": overrides, "metrics": kept})
-    return kept
+
+    def work(folder: Path) -> dict:
+        metrics = run_recipe("evaluate", cfg.sweep.evaluate_config, [*overrides, f"output_dir={folder}"])
+        return {k: metrics[k] for k in (*METRICS, "samples_per_second")}
+
+    return run_cell(folder, overrides, work, log)
 
 
 def sweep_markdown(rows: list[dict], cfg: Config) -> str:

@@ -60,9 +60,9 @@ def test_each_point_is_the_masked_evaluate_run_and_the_unmasked_one_runs_once(ma
     assert json.loads((out / "sweep.json").read_text()) == rows
     assert (out / "sweep.png").stat().st_size > 10_000 and "| random | 0.5 |" in (out / "sweep.md").read_text()
 
-    stamp = (out / "saliency_0.5" / "point.json").stat().st_mtime_ns
+    stamp = (out / "saliency_0.5" / "cell.json").stat().st_mtime_ns
     assert sweep(cfg) == rows  # finished points are reused, not re-run
-    assert (out / "saliency_0.5" / "point.json").stat().st_mtime_ns == stamp
+    assert (out / "saliency_0.5" / "cell.json").stat().st_mtime_ns == stamp
 
 
 def test_a_sweep_without_a_poison_folder_or_with_a_ratio_of_one_is_refused(make_cfg, poison_dir):
