@@ -170,7 +170,8 @@ class PurifyConfig:
     mask_ratio: float = 0.0  # fraction of each image's vision tokens masked at generation; 0: off
     selection: Literal["saliency", "attention", "random"] = "saliency"
     saliency_samples: int = 1  # K sampled labels of the Fisher-Jacobian estimate
-    # what a masked vision token becomes: "auto" = mask (masked diffusion) / mean (autoregressive)
+    # what a masked vision token becomes: mask (the mask token's embedding, masked diffusion only; the
+    # DiSP paper's), pad, zero, mean (of the image's vision tokens); auto = mean (docs/disp.md)
     replacement: Literal["auto", "mask", "pad", "zero", "mean"] = "auto"
     seed: int = 0  # of the sampled labels (saliency) and of random selection
     actors: int = 1  # model replicas in the Ray Data actor pool
@@ -324,6 +325,9 @@ class DispConfig:
     # where the purification's shards and data go (null: output_dir/purify); chains with the same
     # purify settings can share one folder and purify once
     purify_dir: str | None = None
+    # purify -> fine-tune this many times, each round purifying with the previous round's recovered
+    # model (1: the paper's DiSP)
+    rounds: int = 1
 
 
 @dataclass

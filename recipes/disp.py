@@ -14,6 +14,11 @@
 3. ``evaluate`` (config ``disp.evaluate_config``) of the recovered model on the clean test set and,
    with ``eval.poison_dir`` (a ``poison`` run's data folder), on its triggered copy (``asr``).
 
+``disp.rounds`` > 1 repeats 1-2: round r purifies the same poisoned set again, with the model
+recovered in round r-1 in place of the backdoored one (its output in ``output_dir/round<r>/``). A
+trigger that survives masking in part (a whole-image one, as SIG) leaves fewer poisoned answers each
+round (docs/disp.md, "Rounds").
+
 Each stage is an ordinary recipe run (its output in ``output_dir/<stage>``) and continues where it
 stopped when the chain is run again. ``disp.finetune_overrides`` and ``disp.evaluate_overrides``
 adjust the later stages. Returns and writes ``output_dir/disp.json``: the three stages' summaries.
@@ -36,6 +41,8 @@ def check_inputs(cfg: Config) -> None:
                           " folder (a finetune run's <output_dir>/adapter).")
     if cfg.eval.poison_dir and not (Path(cfg.eval.poison_dir) / "manifest.json").is_file():
         raise ConfigError(f"eval.poison_dir: '{cfg.eval.poison_dir}' is not a poison run's data folder (no manifest.json).")
+    if cfg.disp.rounds < 1:
+        raise ConfigError(f"disp.rounds must be at least 1 (purify, then fine-tune), got {cfg.disp.rounds}.")
 
 
 def section(name: str, value) -> str:
@@ -48,17 +55,24 @@ def recipe_main(cfg: Config) -> dict:
     log = start_run(cfg, "disp")
     out = Path(cfg.output_dir)
     chain_config = out / "config.yaml"  # written by start_run: the purify stage runs on exactly these settings
-    purify_dir = Path(cfg.disp.purify_dir or out / "purify")
     base = [f"seed={cfg.seed}", f"model.family={cfg.model.family}", f"model.path={cfg.model.path}"]
 
-    log.info("1/3 purify %s with the backdoored model -> %s", cfg.dataset.path, purify_dir)
-    purified = run_recipe("purify", str(chain_config), [f"output_dir={purify_dir}"])
+    purifier, rounds = cfg.model.adapter, []
+    for r in range(1, cfg.disp.rounds + 1):
+        stage = out if r == 1 else out / f"round{r}"
+        purify_dir = Path(cfg.disp.purify_dir or out / "purify") if r == 1 else stage / "purify"
+        by = "the backdoored model" if r == 1 else f"round {r - 1}'s recovered model"
+        log.info("1/3 (round %d of %d) purify %s with %s -> %s", r, cfg.disp.rounds, cfg.dataset.path, by, purify_dir)
+        purified = run_recipe("purify", str(chain_config), [f"model.adapter={purifier}", f"output_dir={purify_dir}"])
 
-    log.info("2/3 fine-tune the base on the purified set (objective %s)", cfg.objective.name)
-    trained = run_recipe("finetune", cfg.disp.finetune_config, [
-        *base, "model.adapter=null", "dataset.name=jsonl", f"dataset.path={purified['data_dir']}/train.jsonl",
-        "dataset.max_samples=null", section("objective", cfg.objective), *cfg.disp.finetune_overrides,
-        f"output_dir={out / 'finetune'}"])
+        log.info("2/3 (round %d of %d) fine-tune the base on the purified set (objective %s)", r, cfg.disp.rounds,
+                 cfg.objective.name)
+        trained = run_recipe("finetune", cfg.disp.finetune_config, [
+            *base, "model.adapter=null", "dataset.name=jsonl", f"dataset.path={purified['data_dir']}/train.jsonl",
+            "dataset.max_samples=null", section("objective", cfg.objective), *cfg.disp.finetune_overrides,
+            f"output_dir={stage / 'finetune'}"])
+        rounds.append({"purify": purified, "finetune": trained})
+        purifier = trained["saved"]
 
     log.info("3/3 evaluate the recovered model")
     poison = [f"eval.poison_dir={cfg.eval.poison_dir}"] if cfg.eval.poison_dir else []
@@ -66,7 +80,7 @@ def recipe_main(cfg: Config) -> dict:
         *base, f"model.adapter={trained['saved']}", *poison, *cfg.disp.evaluate_overrides,
         f"output_dir={out / 'evaluate'}"])
 
-    summary = {"purify": purified, "finetune": trained, "evaluate": metrics}
+    summary = {**rounds[-1], "rounds": rounds, "evaluate": metrics}
     write_json(out / "disp.json", summary)
     shown = {k: round(metrics[k], 3) for k in ("vqa_accuracy", "asr", "asr_clean") if k in metrics}
     log.info("recovered model: %s", shown)

@@ -51,9 +51,8 @@ class MaskedGenerator:
 
     def __init__(self, vlm, purify):
         self.vlm, self.cfg = vlm, purify
-        self.replacement = purify.replacement
-        if self.replacement == "auto":
-            self.replacement = "mask" if vlm.family == "mdlm" else "mean"
+        # auto: mean, the replacement measured best on both families (docs/disp.md, "Replacement")
+        self.replacement = "mean" if purify.replacement == "auto" else purify.replacement
         if not 0 <= purify.mask_ratio < 1:
             raise ConfigError(f"purify.mask_ratio must be in [0, 1), got {purify.mask_ratio}.")
         if self.replacement == "mask" and vlm.family != "mdlm":

@@ -17,7 +17,7 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     (tmp_path / "disp_mllm.yaml").write_text(yaml.safe_dump({
         "dataset": {"name": "jsonl", "max_samples": 12},
         "purify": {"mask_ratio": 0.5, "block_size": 4, "batch_size": 4, "actors": 1},
-        "eval": {"max_new_tokens": 2}, "train": {"max_length": 64}}))
+        "eval": {"max_new_tokens": 2}, "train": {"max_length": 64}, "disp": {"rounds": 2}}))
     # seed 1: its own cached base, so the demo's test still sees a cold cache for seed 0
     cfg = make_cfg("mllm", *stages, "seed=1", "results.families=[mllm]",
                    f"results.attacks={{badnets: {poison}, sig: {tmp_path / 'poison_sig.yaml'}}}",
@@ -41,6 +41,14 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     recovered = yaml.safe_load((tmp_path / "run" / "mllm" / "sig" / "disp" / "finetune" / "config.yaml").read_text())
     assert recovered["dataset"]["path"] == str(purified / "train.jsonl") and recovered["model"]["adapter"] is None
     assert recovered["train"]["max_steps"] == 2  # the victim's recipe (the demo's finetune stage config)
+    # round 2 purified the same poisoned rows with round 1's recovered model; the evaluated model is round 2's
+    chain = tmp_path / "run" / "mllm" / "sig" / "disp"
+    again = json.loads((chain / "round2" / "purify" / "data" / "manifest.json").read_text())
+    assert again["model"]["adapter"] == str(chain / "finetune" / "adapter") and again["ids_sha256"] == manifest["ids_sha256"]
+    final = yaml.safe_load((chain / "round2" / "finetune" / "config.yaml").read_text())
+    assert final["dataset"]["path"] == str(chain / "round2" / "purify" / "data" / "train.jsonl")
+    evaluated = yaml.safe_load((chain / "evaluate" / "config.yaml").read_text())
+    assert evaluated["model"]["adapter"] == str(chain / "round2" / "finetune" / "adapter")
     report = (docs / "RESULTS.md").read_text()
     assert "do not edit by hand" in report and "| sig | abl |" in report
     assert report.count("- [") == 4 + 4  # pcr's two goals, and disp's two, for each of the two attacks
