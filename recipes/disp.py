@@ -21,7 +21,8 @@ round (docs/disp.md, "Rounds").
 
 Each stage is an ordinary recipe run (its output in ``output_dir/<stage>``) and continues where it
 stopped when the chain is run again. ``disp.finetune_overrides`` and ``disp.evaluate_overrides``
-adjust the later stages. Returns and writes ``output_dir/disp.json``: the three stages' summaries.
+adjust the later stages. Returns and writes ``output_dir/disp.json``: the last round's purify and
+finetune summaries, every round's (``rounds``), and the evaluation's metrics.
 """
 from __future__ import annotations
 

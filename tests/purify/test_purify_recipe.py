@@ -174,3 +174,8 @@ def test_disp_needs_the_backdoored_adapter(tmp_path):
     with pytest.raises(ConfigError, match="model.adapter"):
         recipe_main(cfg)
     assert not (tmp_path / "o").exists()
+    cfg = load_config("disp_demo", [f"output_dir={tmp_path / 'o'}", "dataset.path=x.jsonl", "model.adapter=a",
+                                    "disp.rounds=0"])
+    with pytest.raises(ConfigError, match="disp.rounds must be at least 1"):
+        recipe_main(cfg)
+    assert not (tmp_path / "o").exists()
