@@ -75,6 +75,12 @@ def data_hash(poison_dir: str) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
+def resolved(config: str, overrides: list[str]) -> dict:
+    """A stage's settings as a cell keys them: the config file's contents with the overrides applied, so
+    editing the YAML (not only the overrides) makes the cell run again."""
+    return dataclasses.asdict(load_config(config, overrides))
+
+
 def victim_cell(cfg: Config, folder: Path, family: str, base: Path, poison_dir: str, defense: list[str], log) -> dict:
     """Fine-tune on the poisoned set with the defense's overrides (none: the victim), then evaluate."""
     common = [f"seed={cfg.seed}", f"model.family={family}", f"model.path={base}"]
@@ -82,7 +88,7 @@ def victim_cell(cfg: Config, folder: Path, family: str, base: Path, poison_dir: 
     finetune = [*common, *cfg.demo.finetune_overrides.get(family, []), "dataset.name=jsonl",
                 f"dataset.path={poison_dir}/train.jsonl", *defense]
     evaluate = [*common, f"eval.poison_dir={poison_dir}", *cfg.results.eval_overrides]
-    settings = {"finetune": [finetune_config, finetune], "evaluate": [evaluate_config, evaluate],
+    settings = {"finetune": resolved(finetune_config, finetune), "evaluate": resolved(evaluate_config, evaluate),
                 "poisoned_data": data_hash(poison_dir)}
 
     def work(folder: Path) -> dict:
@@ -105,10 +111,13 @@ def purified_cell(cfg: Config, folder: Path, family: str, base: Path, poison_dir
              f"disp.finetune_overrides={json.dumps(cfg.demo.finetune_overrides.get(family, []))}",
              f"disp.evaluate_overrides={json.dumps(cfg.results.eval_overrides)}", *defense]
     victim_settings = json.loads((victim / "cell.json").read_text())["settings"]
-    settings = {"disp": [cfg.results.disp_config, chain], "victim": victim_settings}
+    settings = {"disp": resolved(cfg.results.disp_config, chain), "victim": victim_settings}
+    # the victim's purification, shared by the defenses whose purify settings match (a folder per settings:
+    # it goes with the victim when that is retrained, and a purify folder refuses other settings)
+    purify = {k: settings["disp"][k] for k in ("dataset", "purify", "diffusion", "eval")}
+    shared = victim / f"purified-{hashlib.sha256(json.dumps(purify, sort_keys=True).encode()).hexdigest()[:12]}"
 
     def work(folder: Path) -> dict:
-        shared = victim / "purified"  # goes with the victim when it is retrained; refuses other purify settings
         return run_recipe("disp", cfg.results.disp_config,
                           [*chain, f"disp.purify_dir={shared}", f"output_dir={folder}"])["evaluate"]
 

@@ -35,7 +35,8 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     trained = (tmp_path / "run" / "mllm" / "sig" / "pcr" / "finetune" / "train_log.jsonl").read_text()
     assert "pcr_discrepancy" in trained  # the defense's overrides reached the fine-tune
     # disp: the victim purified the first 12 poisoned rows, the base was fine-tuned on them (not the victim)
-    purified = tmp_path / "run" / "mllm" / "sig" / "none" / "purified" / "data"
+    (purified,) = (tmp_path / "run" / "mllm" / "sig" / "none").glob("purified-*")
+    purified = purified / "data"
     manifest = json.loads((purified / "manifest.json").read_text())
     assert manifest["counts"]["rows"] == 12 and manifest["model"]["adapter"].endswith("sig/none/finetune/adapter")
     recovered = yaml.safe_load((tmp_path / "run" / "mllm" / "sig" / "disp" / "finetune" / "config.yaml").read_text())
@@ -66,6 +67,12 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     recipe_main(cfg)
     after = mtimes()
     assert {str(k) for k in after if after[k] != before[k]} == {f"mllm/sig/{d}" for d in ("none", "pcr", "abl", "disp")}
+    # an edited stage config (the disp chain's YAML, not its overrides) reruns the cells that use it
+    disp_yaml = tmp_path / "disp_mllm.yaml"
+    disp_yaml.write_text(disp_yaml.read_text().replace("mask_ratio: 0.5", "mask_ratio: 0.25"))
+    recipe_main(cfg)
+    edited = mtimes()
+    assert {str(k) for k in edited if edited[k] != after[k]} == {f"mllm/{a}/disp" for a in ("badnets", "sig")}
 
 
 def test_results_need_the_undefended_baseline(tmp_path):
