@@ -37,10 +37,12 @@ test: setup ray-local-config cluster-deps
 results: setup ray-local-config
 	OMP_NUM_THREADS=$$(nproc) $(VENV)/bin/defend run defense_results --config defense_results
 
-bench: setup
+bench: setup ray-local-config
 	OMP_NUM_THREADS=$$(nproc) $(PY) bench/generation_throughput.py
 	OMP_NUM_THREADS=1 $(PY) bench/train_throughput.py
 	OMP_NUM_THREADS=1 $(PY) bench/pcr_overhead.py
+	OMP_NUM_THREADS=1 $(PY) bench/purify_throughput.py
+	$(PY) bench/purify_scaling.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,7 +2,7 @@
 and memory, for both families. PCR puts the original and the perturbed images through the model in
 one forward, twice the rows, so the bar is <= 2.05x.
 
-    python bench/pcr_overhead.py [--steps 20] [--repeats 3] [--batch 64] [--out bench/pcr.json]
+    python bench/pcr_overhead.py [--steps 50] [--repeats 5] [--batch 8] [--out bench/pcr.json]
 
 Memory is measured two ways: the bytes autograd saves for the backward during one step (the
 activations, which PCR doubles; device-independent), and, on a GPU, torch.cuda.max_memory_allocated.
@@ -78,9 +78,9 @@ def gpu_peak(recipe: FinetuneRecipe, batch: dict) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)  # train.micro_batch_size's default
     parser.add_argument("--out", default="bench/pcr.json")
     args = parser.parse_args()
     results = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,

@@ -1,7 +1,8 @@
 """DiSP's cost at inference: masked generation (saliency with K sampled labels, top 45% of the
 vision tokens masked) against plain generation, same model, same batches, measured in one run.
-Bar: K=1 keeps >= 0.5 of plain generation's samples/s. Two answer lengths: the saliency pass costs
-about one forward and one backward whatever the length, so its share falls as answers grow.
+Bar: K=1 keeps >= 0.5 of plain generation's samples/s. Three answer lengths (2, 8, 32 tokens): the
+saliency pass costs about one forward and one backward whatever the length, so its share falls as
+answers grow; ``ms_per_batch`` splits a masked batch into image features, saliency and generation.
 
     python bench/purify_throughput.py [--samples 256] [--batch 32] [--repeats 3] [--out bench/purify.json]
 
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from defend.config import load_config  # noqa: E402
 from defend.data import load_samples  # noqa: E402
 from defend.models import load_model  # noqa: E402
-from defend.purify.masking import MaskedGenerator  # noqa: E402
+from defend.purify.masking import MaskedGenerator, replacement_rows, top_fraction  # noqa: E402
+from defend.purify.saliency import vision_token_scores  # noqa: E402
 
 
 def samples_per_second(generate, batches, n: int) -> float:
@@ -32,6 +34,30 @@ def samples_per_second(generate, batches, n: int) -> float:
     for batch in batches:
         generate(batch)
     return n / (time.perf_counter() - started)
+
+
+def part_milliseconds(vlm, purify, batches) -> dict[str, float]:
+    """Where a masked batch's time goes (ms per batch, K=1): image features, the saliency pass, and
+    generation from the masked features; and plain generation of the same batch."""
+    totals = dict.fromkeys(("plain_generate", "image_features", "saliency", "masked_generate"), 0.0)
+    generator = torch.Generator().manual_seed(0)
+    for batch in batches:
+        marks = [time.perf_counter()]
+        vlm.generate(batch)
+        marks.append(time.perf_counter())
+        with torch.no_grad():
+            features = vlm.image_features(batch)
+        marks.append(time.perf_counter())
+        scores = vision_token_scores(vlm, batch, "saliency", 1, generator, features)
+        marks.append(time.perf_counter())
+        with torch.no_grad():
+            fill = replacement_rows(vlm, features, scores.shape[1], "mean")
+            masked = torch.where(top_fraction(scores, purify.mask_ratio).reshape(-1, 1), fill, features)
+        vlm.generate(batch, features=masked)
+        marks.append(time.perf_counter())
+        for name, begin, finish in zip(totals, marks, marks[1:]):
+            totals[name] += finish - begin
+    return {k: round(1000 * v / len(batches), 2) for k, v in totals.items()}
 
 
 def main() -> None:
@@ -44,8 +70,9 @@ def main() -> None:
     results = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "samples": args.samples, "batch": args.batch, "families": {}}
     lengths = {"2 tokens (easy-vqa answers, 1 denoising step)": [],
-               "8 tokens (8 denoising steps)": ["eval.max_new_tokens=8", "diffusion.gen_length=8", "diffusion.steps=8",
-                                                "diffusion.block_length=8"]}
+               **{f"{n} tokens ({n} denoising steps)": [f"eval.max_new_tokens={n}", f"diffusion.gen_length={n}",
+                                                        f"diffusion.steps={n}", f"diffusion.block_length={n}"]
+                  for n in (8, 32)}}
     for family, (length, extra) in [(f, item) for f in ("mllm", "mdlm") for item in lengths.items()]:
         # the demo's evaluation settings on a random-init tiny model of the demo's shape
         cfg = load_config("demo_evaluate", [f"model.family={family}", "model.path=tiny", "purify.mask_ratio=0.45",
@@ -65,6 +92,8 @@ def main() -> None:
             row[f"K={k}"] = {"plain_samples_per_s": round(statistics.median(p for p, _ in pairs), 1),
                              "masked_samples_per_s": round(statistics.median(m for _, m in pairs), 1),
                              "ratio": round(statistics.median(m / p for p, m in pairs), 3)}
+        cfg.purify.saliency_samples = 1
+        row["ms_per_batch"] = part_milliseconds(vlm, cfg.purify, batches)
         results["families"].setdefault(family, {})[length] = row
         print(family, length, json.dumps(row))
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -7,7 +7,7 @@ import torch
 
 from defend.data.collate import IGNORE_INDEX
 from defend.models.base import VisionLanguageModel
-from defend.models.scoring import ResponseScores
+from defend.models.scoring import ResponseScores, response_start
 
 
 class AutoregressiveVLM(VisionLanguageModel):
@@ -17,8 +17,10 @@ class AutoregressiveVLM(VisionLanguageModel):
         """Next-token scores of the response; the task loss is the mean CE over view 0's response tokens
         (what the model's own ``labels=`` loss computes)."""
         model = model or self.model
-        logits = model(**self.model_inputs(batch)).logits[:, :-1]
         targets = batch["labels"][:, 1:]
+        start = response_start(targets != IGNORE_INDEX)
+        logits = self.last_logits(model, self.model_inputs(batch), targets.shape[1] + 1 - start)[:, :-1]
+        targets = targets[:, start:]
         scored = targets[: targets.shape[0] // views] != IGNORE_INDEX
         weight = scored.float() / scored.sum().clamp(min=1)
         return ResponseScores(logits, targets, weight, views)
@@ -37,6 +39,6 @@ class AutoregressiveVLM(VisionLanguageModel):
 
     def first_step_logits(self, batch: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
         mask = batch["attention_mask"]
-        out = self.model(inputs_embeds=self.embed(batch["input_ids"], features), attention_mask=mask,
-                         position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
-        return out.logits[:, -1:]
+        inputs = {"inputs_embeds": self.embed(batch["input_ids"], features), "attention_mask": mask,
+                  "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+        return self.last_logits(self.model, inputs, 1)

@@ -1,6 +1,8 @@
 """The interface both model families share: collate, loss, generate."""
 from __future__ import annotations
 
+import inspect
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -40,6 +42,20 @@ class VisionLanguageModel:
         """One forward of a training batch (``views`` stacked copies of its rows); ``model`` is the
         module to call (e.g. a DeepSpeed engine)."""
         raise NotImplementedError
+
+    @cached_property
+    def takes_logits_to_keep(self) -> bool:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    def last_logits(self, model: torch.nn.Module, inputs: dict[str, Any], keep: int) -> torch.Tensor:
+        """(B, keep, V): the logits of the last ``keep`` positions. Where the model's forward takes
+        ``logits_to_keep`` (LLaVA, Qwen2-VL, PaliGemma, ...) the LM head runs on those positions only:
+        on a 150k vocabulary the full (B, L, V) logits would be most of a step's memory. Other models
+        (BLIP-2) compute them all and are sliced."""
+        if self.takes_logits_to_keep:
+            return model(**inputs, logits_to_keep=keep).logits
+        return model(**inputs).logits[:, -keep:]
 
     def loss(self, batch: dict[str, Any], model: torch.nn.Module | None = None) -> torch.Tensor:
         """The family's task loss of one batch."""

@@ -40,7 +40,8 @@ def diffusion_generate(
     """Fill ``gen_length`` masked positions after left-padded prompts in exactly ``steps`` passes.
 
     Args:
-        logits_fn: ``(tokens (B, L), attention_mask (B, L)) -> logits (B, L, V)``.
+        logits_fn: ``(tokens (B, L), attention_mask (B, L)) -> logits`` whose last ``gen_length``
+            positions score the answer tokens (a model may compute only those).
         prompt_ids: (B, P) left-padded prompts; ``attention_mask`` marks the real tokens.
     Returns:
         (B, gen_length) generated tokens.
@@ -57,7 +58,7 @@ def diffusion_generate(
     for block in range(blocks):
         block_end = prompt_len + (block + 1) * block_length
         for k in tokens_per_step(block_length, steps_per_block):
-            logits = logits_fn(x, mask)[:, prompt_len:]
+            logits = logits_fn(x, mask)[:, -gen_length:]
             sampled = add_gumbel_noise(logits, temperature, generator) if temperature > 0 else logits
             x0 = sampled.argmax(-1)
             if remasking == "low_confidence":

@@ -15,8 +15,16 @@ import torch
 import torch.nn.functional as F
 
 
+def response_start(scored: torch.Tensor) -> int:
+    """The first position that any row of a (B, L) bool mask scores (L - 1 if none): the logits
+    before it are never read, so the families compute them from there on."""
+    columns = scored.any(0).nonzero()
+    return int(columns[0]) if len(columns) else scored.shape[1] - 1
+
+
 @dataclass
 class ResponseScores:
+    # L: the positions from the batch's first scored one to its end (``response_start``), not the sequence
     logits: torch.Tensor  # (views * n, L, V): position t scores targets[:, t]
     targets: torch.Tensor  # (views * n, L)
     weight: torch.Tensor  # (n, L) float: each view-0 token's weight in the task loss; 0 off the scored tokens

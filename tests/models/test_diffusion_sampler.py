@@ -104,3 +104,30 @@ def test_block_settings_that_cannot_work_are_rejected():
     prompt = torch.tensor([[1, 2]])
     with pytest.raises(ValueError, match="multiple of diffusion.block_length"):
         diffusion_generate(lambda t, m: None, prompt, torch.ones_like(prompt), 9, 5, 5, 2)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_one_step_answer_is_the_argmax_at_the_family_s_scoring_position(mdlm, shifted):
+    """A 1-token, 1-step answer is the argmax of the logits that score the masked position: at the
+    mask itself, or one position earlier for shifted-logit (Dream-style) models."""
+    vlm, samples = mdlm
+    d = vlm.cfg.diffusion
+    saved = (d.gen_length, d.steps, d.block_length, d.shifted_logits)
+    d.gen_length = d.steps = d.block_length = 1
+    d.shifted_logits = shifted
+    try:
+        batch = vlm.generate_collator()(samples)
+        answers = vlm.generate(batch)
+    finally:
+        d.gen_length, d.steps, d.block_length, d.shifted_logits = saved
+    from defend.models.diffusion import position_ids_for
+
+    ids = torch.cat([batch["input_ids"], torch.full((len(samples), 1), vlm.mask_token_id)], 1)
+    mask = torch.cat([batch["attention_mask"], torch.ones(len(samples), 1, dtype=torch.long)], 1)
+    with torch.no_grad():
+        logits = vlm.model(inputs_embeds=vlm.embed(ids, vlm.image_features(batch)), attention_mask=mask,
+                           position_ids=position_ids_for(mask)).logits
+    expected = vlm.decode(logits[:, -2 if shifted else -1].argmax(-1, keepdim=True))
+    assert answers == expected
+    other = vlm.decode(logits[:, -1 if shifted else -2].argmax(-1, keepdim=True))
+    assert answers != other  # the two positions disagree on this model, so the check can fail

@@ -15,6 +15,7 @@ import torch
 from defend.config import ConfigError, TinyConfig, load_config
 from defend.data import load_samples
 from defend.models import load_model
+from defend.models.diffusion_loss import masked_diffusion_loss
 from defend.models.lora import apply_lora, language_model_prefix
 from defend.models.loading import VISION_MODULE_NAMES
 from defend.models.tiny import tiny_model_path
@@ -76,3 +77,31 @@ def test_family_trains_and_generates(arch: str, family: str, tiny_cache: Path) -
 def test_masked_diffusion_needs_llava_layout(arch: str) -> None:
     with pytest.raises(ConfigError, match="llava"):
         tiny_model_path(TinyConfig(arch=arch, **SMALL), "mdlm")
+
+
+@pytest.mark.parametrize("arch,family", CASES)
+def test_scores_cover_only_the_response_and_give_the_full_logits_loss(arch: str, family: str) -> None:
+    """``score`` runs the LM head from the batch's first response token on (BLIP-2: slices); the task
+    loss equals the one computed from every position's logits."""
+    cfg = load_config(None, [
+        "model.path=tiny", f"model.family={family}", f"tiny.arch={arch}", "dataset.max_samples=4",
+        *(f"tiny.{k}={v}" for k, v in SMALL.items()),
+    ])
+    vlm = load_model(cfg)
+    batch = vlm.train_collator()(load_samples(cfg.dataset))
+    inputs = vlm.model_inputs(batch)
+    torch.manual_seed(1)
+    scores = vlm.score(batch)
+    assert scores.logits.shape[1] < batch["input_ids"].shape[1] - 1  # the prompt is not scored
+    assert scores.scored.any()
+
+    torch.manual_seed(1)  # the same diffusion noise
+    if family == "mllm":
+        logits = vlm.model(**inputs).logits[:, :-1]
+        expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100)
+    else:
+        positions = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        expected = masked_diffusion_loss(
+            lambda noisy: vlm.model(**{**inputs, "input_ids": noisy, "position_ids": positions}).logits,
+            batch["input_ids"], batch["labels"] != -100, vlm.mask_token_id)
+    assert torch.allclose(scores.task_loss(), expected, rtol=1e-5), (scores.task_loss(), expected)
