@@ -84,7 +84,6 @@ class MaskedDiffusionVLM(VisionLanguageModel):
                  generator: torch.Generator | None = None) -> list[str]:
         d = self.cfg.diffusion
         features = self.image_features(batch) if features is None else features
-
         shift = int(d.shifted_logits)  # Dream-style models score token i at position i-1
 
         def logits_fn(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
