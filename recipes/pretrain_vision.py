@@ -29,7 +29,7 @@ from defend.engine.loop import total_steps, train_loop, train_summary
 from defend.models import load_model
 from defend.models.saving import save_model_folder
 from defend.models.vision import find_vision_tower, pooled_image_features
-from defend.run_dir import start_run
+from defend.run_dir import seed_everything, start_run
 
 
 class BagOfWordsClassifier(torch.nn.Module):
@@ -56,6 +56,7 @@ class PretrainVisionRecipe:
         ds_config = prepare_deepspeed(cfg)  # before loading: under ZeRO-3 the model is built sharded
         self.vlm = load_model(cfg)
         tower = find_vision_tower(self.vlm.model)
+        seed_everything(cfg.seed)  # the head's random init (start_run seeds again, after the input checks)
         self.classifier = BagOfWordsClassifier(tower, tower.config.hidden_size, len(self.vocab))
         self.collate(self.samples[: cfg.train.micro_batch_size])  # bad images fail before any output
         self.log = start_run(cfg, "pretrain_vision")

@@ -104,3 +104,19 @@ def test_vision_tower_from_a_folder_without_a_model_names_the_key(make_cfg, tmp_
 
     with pytest.raises(ConfigError, match="model.vision_tower_from"):
         load_model(make_cfg("mllm", f"model.vision_tower_from={tmp_path}"))
+
+
+def test_the_bag_of_words_head_starts_from_the_seed(make_cfg):
+    """The head is built before the run's folder (and its seeding): it must not take whatever the
+    process's random state was (it did: the demo's bases, and its backdoor, changed run to run)."""
+    from recipes.pretrain_vision import PretrainVisionRecipe
+
+    cfg = make_cfg("mllm", "dataset.name=easy_vqa_captions", "dataset.max_samples=16", "train.max_steps=1")
+    heads = []
+    for draws in (1, 7):
+        torch.rand(draws)  # a different random state before each setup
+        recipe = PretrainVisionRecipe(cfg)
+        recipe.setup()
+        heads.append(recipe.classifier.head.weight.detach().clone())
+        recipe.cleanup()
+    assert torch.equal(heads[0], heads[1])
