@@ -108,7 +108,8 @@ def test_vision_tower_from_a_folder_without_a_model_names_the_key(make_cfg, tmp_
 
 def test_the_bag_of_words_head_starts_from_the_seed(make_cfg):
     """The head is built before the run's folder (and its seeding): it must not take whatever the
-    process's random state was (it did: the demo's bases, and its backdoor, changed run to run)."""
+    process's random state was (it did: standalone runs differed, and the demo's bases depended on
+    whether the tiny model had been built in the same process)."""
     from recipes.pretrain_vision import PretrainVisionRecipe
 
     cfg = make_cfg("mllm", "dataset.name=easy_vqa_captions", "dataset.max_samples=16", "train.max_steps=1")
