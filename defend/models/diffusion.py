@@ -13,7 +13,7 @@ import torch
 from defend.config import ConfigError
 from defend.data.collate import IGNORE_INDEX, Collator
 from defend.models.base import VisionLanguageModel
-from defend.models.diffusion_loss import align_logits, diffusion_noise
+from defend.models.diffusion_loss import diffusion_noise
 from defend.models.scoring import ResponseScores, response_start
 from defend.models.diffusion_sampler import diffusion_generate
 
@@ -59,12 +59,17 @@ class MaskedDiffusionVLM(VisionLanguageModel):
             return torch.cat([chunk.repeat(copies, *[1] * (value.dim() - 1)) for chunk in value.chunk(views)])
 
         repeated = {k: per_copy(v) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        # logits only from the first response token on (shifted-logit models read it one position earlier)
         start = max(response_start(batch["labels"][:n] != IGNORE_INDEX), int(d.shifted_logits))
-        keep = noise.noisy.shape[1] - start + int(d.shifted_logits)
-        logits = self.last_logits(model, {**repeated, "input_ids": noise.noisy.repeat(views, 1)}, keep)
-        logits = logits[:, :-1] if d.shifted_logits else logits
+        inputs = {**repeated, "input_ids": noise.noisy.repeat(views, 1)}
+        logits = self.token_logits(model, inputs, noise.noisy.shape[1] - start)  # from the first response token on
         return ResponseScores(logits, noise.clean[:, start:].repeat(views, 1), noise.weight[:, start:], views, copies)
+
+    def token_logits(self, model: torch.nn.Module, inputs: dict[str, Any], tokens: int) -> torch.Tensor:
+        """(B, tokens, V): the logits scoring the last ``tokens`` tokens, computed only there; a
+        shifted-logit (Dream-style) model scores token i at position i-1."""
+        shift = int(self.cfg.diffusion.shifted_logits)
+        logits = self.last_logits(model, inputs, tokens + shift)
+        return logits[:, :-1] if shift else logits
 
     def first_step_logits(self, batch: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
         """The sampler's first step: the prompt plus ``gen_length`` masks; the positions of the first block."""
@@ -72,25 +77,20 @@ class MaskedDiffusionVLM(VisionLanguageModel):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         tokens = torch.cat([ids, torch.full((ids.shape[0], d.gen_length), self.mask_token_id, device=ids.device)], 1)
         mask = torch.cat([mask, torch.ones(ids.shape[0], d.gen_length, dtype=mask.dtype, device=mask.device)], 1)
-        keep = d.gen_length + 1  # the masks, and the position before them (shifted-logit models read it)
         inputs = {"inputs_embeds": self.embed(tokens, features), "attention_mask": mask,
                   "position_ids": position_ids_for(mask)}
-        logits = self.last_logits(self.model, inputs, keep)
-        logits = align_logits(logits, d.shifted_logits)[:, 1:]
-        return logits[:, : min(d.block_length, d.gen_length)]
+        return self.token_logits(self.model, inputs, d.gen_length)[:, : min(d.block_length, d.gen_length)]
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], features: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> list[str]:
         d = self.cfg.diffusion
         features = self.image_features(batch) if features is None else features
-        shift = int(d.shifted_logits)  # Dream-style models score token i at position i-1
 
         def logits_fn(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             inputs = {"inputs_embeds": self.embed(tokens, features), "attention_mask": attention_mask,
                       "position_ids": position_ids_for(attention_mask)}
-            logits = self.last_logits(self.model, inputs, d.gen_length + shift)  # the answer's positions only
-            return logits[:, :-1] if shift else logits
+            return self.token_logits(self.model, inputs, d.gen_length)  # the answer's positions only
 
         tokens = diffusion_generate(
             logits_fn,
