@@ -46,13 +46,14 @@ def part_milliseconds(vlm, purify, batches) -> dict[str, float]:
         vlm.generate(batch)
         marks.append(time.perf_counter())
         with torch.no_grad():
-            features = vlm.image_features(batch)
+            tokens = vlm.vision_tokens(batch)
         marks.append(time.perf_counter())
-        scores = vision_token_scores(vlm, batch, "saliency", 1, generator, features)
+        scores = vision_token_scores(vlm, batch, "saliency", 1, generator, tokens)
         marks.append(time.perf_counter())
         with torch.no_grad():
-            fill = replacement_rows(vlm, features, scores.shape[1], "mean")
-            masked = torch.where(top_fraction(scores, purify.mask_ratio).reshape(-1, 1), fill, features)
+            fill = replacement_rows(vlm, tokens, "mean")
+            chosen = top_fraction(scores, tokens.counts, purify.mask_ratio)
+            masked = torch.where(chosen.unsqueeze(1), fill, tokens.features)
         vlm.generate(batch, features=masked)
         marks.append(time.perf_counter())
         for name, begin, finish in zip(totals, marks, marks[1:]):

@@ -38,7 +38,7 @@ class ModelConfig:
 class TinyConfig:
     """Shape of a random-init model written by ``defend.models.tiny`` (tests and the demo)."""
 
-    arch: Literal["llava", "blip2", "qwen2_vl", "paligemma"] = "llava"
+    arch: Literal["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "blip2", "paligemma"] = "llava"
     image_size: int = 64
     patch_size: int = 8
     vision_hidden: int = 128

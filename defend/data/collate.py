@@ -30,6 +30,15 @@ def render_prompt(processor: Any, prompt: str, with_image: bool = True) -> str:
     return f"{image_token}{prompt}"
 
 
+def pad_crops(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Anyres pixel tensors (1, crops, C, H, W) of different crop counts, zero-padded to the most (the
+    model reads each image's real crops from ``image_sizes``, as the processors' own batching pads)."""
+    if values[0].dim() != 5 or len({v.shape[1] for v in values}) == 1:
+        return values
+    most = max(v.shape[1] for v in values)
+    return [torch.cat([v, v.new_zeros(v.shape[0], most - v.shape[1], *v.shape[2:])], 1) for v in values]
+
+
 class Collator:
     """Callable that batches samples for training (``with_response``) or generation.
 
@@ -122,7 +131,7 @@ class Collator:
                         padded[i, : v.shape[0]] = v
                 batch[key] = padded
             else:
-                batch[key] = torch.cat(values, dim=0)
+                batch[key] = torch.cat(pad_crops(values), dim=0)
         batch["sample_ids"] = [s.id for s in samples]
         batch["image_rows"] = torch.tensor(["pixel_values" in r for r in rows])
         return batch

@@ -27,18 +27,21 @@ class AutoregressiveVLM(VisionLanguageModel):
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], features: torch.Tensor | None = None) -> list[str]:
-        inputs = self.model_inputs(batch)
         settings = dict(max_new_tokens=self.cfg.eval.max_new_tokens, do_sample=False,
                         pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         if features is None:
+            inputs = self.model_inputs(batch)
             out = self.model.generate(**inputs, **settings)
-            return self.decode(out[:, inputs["input_ids"].shape[1]:])
-        embeds = self.embed(batch["input_ids"], features)
-        out = self.model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **settings)
-        return self.decode(out)  # from embeddings, generate returns the new tokens only
+        else:  # the model's own generate, its prefill seeing ``features`` as the vision tokens
+            inputs = self.inputs_without_pixels(batch)
+            with self.injected_vision_tokens(self.image_positions(batch["input_ids"]), features):
+                out = self.model.generate(**inputs, **settings)
+        return self.decode(out[:, inputs["input_ids"].shape[1]:])
 
     def first_step_logits(self, batch: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
-        mask = batch["attention_mask"]
-        inputs = {"inputs_embeds": self.embed(batch["input_ids"], features), "attention_mask": mask,
-                  "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
-        return self.last_logits(self.model, inputs, 1)
+        inputs = self.inputs_without_pixels(batch)
+        positions = self.arch.position_ids(batch["attention_mask"])
+        if positions is not None:  # as generate's prefill numbers a left-padded row
+            inputs["position_ids"] = positions
+        with self.injected_vision_tokens(self.image_positions(batch["input_ids"]), features):
+            return self.last_logits(self.model, inputs, 1)

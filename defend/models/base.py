@@ -9,7 +9,9 @@ import torch
 
 from defend.config import Config
 from defend.data.collate import Collator
+from defend.models.archs import architecture
 from defend.models.scoring import ResponseScores
+from defend.models.vision_tokens import VisionTokens, capture, image_positions, injected, without
 
 NOT_MODEL_INPUTS = ("sample_ids", "labels", "image_rows")
 
@@ -27,6 +29,7 @@ class VisionLanguageModel:
         self.processor = processor
         self.cfg = cfg
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.arch = architecture(self.base_model.config)
 
     def train_collator(self) -> Collator:
         return Collator(self.processor, self.cfg.train.max_length, with_response=True)
@@ -45,8 +48,7 @@ class VisionLanguageModel:
 
     @cached_property
     def takes_logits_to_keep(self) -> bool:
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
+        return "logits_to_keep" in inspect.signature(self.base_model.forward).parameters
 
     def last_logits(self, model: torch.nn.Module, inputs: dict[str, Any], keep: int) -> torch.Tensor:
         """(B, keep, V): the logits of the last ``keep`` positions. Where the model's forward takes
@@ -71,24 +73,36 @@ class VisionLanguageModel:
         ``features`` as the vision tokens (differentiable with respect to them)."""
         raise NotImplementedError
 
-    def image_features(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Projected vision tokens of the batch's images, (n_images * tokens_per_image, hidden), in the
-        order the image placeholders appear; empty for a text-only batch. LLaVA-style models."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        if "pixel_values" not in batch:
-            return torch.empty(0, base.config.get_text_config().hidden_size)
-        get = getattr(base.model, "get_image_features", None)
-        if get is None:
-            raise NotImplementedError(f"{type(base).__name__} has no get_image_features: vision-token access"
-                                      " needs a LLaVA-style model")
-        out = get(pixel_values=batch["pixel_values"], return_dict=True)
-        return torch.cat(list(out.pooler_output), dim=0)
+    @property
+    def base_model(self) -> torch.nn.Module:
+        """The transformers model (under a peft wrapper, if any)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the image placeholders replaced by ``image_features``."""
-        embeds = self.model.get_input_embeddings()(input_ids)
-        image_positions = (input_ids == self.model.config.image_token_id).unsqueeze(-1)
-        return embeds.masked_scatter(image_positions, image_features.to(embeds.dtype))
+    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return image_positions(input_ids, self.arch.image_token_id(self.base_model.config))
+
+    def vision_tokens(self, batch: dict[str, Any]) -> VisionTokens:
+        """The batch's vision tokens as they enter the language model (no gradient to the weights is
+        kept unless the caller enables it); none for a text-only batch."""
+        positions = self.image_positions(batch["input_ids"])
+        if not positions.any():
+            hidden = self.base_model.config.get_text_config().hidden_size
+            return VisionTokens(torch.empty(0, hidden), [])
+        inputs = self.model_inputs(batch)
+        return capture(self.arch.language_model(self.base_model), positions, lambda: self.base_model(**inputs))
+
+    def image_features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(N, hidden): the batch's vision tokens, flat (``vision_tokens`` with their per-image counts)."""
+        return self.vision_tokens(batch).features
+
+    def injected_vision_tokens(self, positions: torch.Tensor, features: torch.Tensor):
+        """Context: calls of the model inside it see ``features`` (N, hidden) at ``positions`` (B, L)."""
+        return injected(self.arch.language_model(self.base_model), positions, features)
+
+    def inputs_without_pixels(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The model inputs of a call whose vision tokens are injected (the vision tower need not run)."""
+        inputs = self.model_inputs(batch)
+        return inputs if self.arch.keeps_pixels() else without(inputs, self.arch.pixel_inputs)
 
     def token_embedding(self, token_id: int) -> torch.Tensor:
         """The input embedding of one token, (hidden,)."""

@@ -71,15 +71,25 @@ class MaskedDiffusionVLM(VisionLanguageModel):
         logits = self.last_logits(model, inputs, tokens + shift)
         return logits[:, :-1] if shift else logits
 
+    def answer_inputs(self, batch: dict[str, Any], tokens: torch.Tensor, attention_mask: torch.Tensor,
+                      features: torch.Tensor):
+        """Model inputs for prompt + answer ``tokens`` with ``features`` as the vision tokens (the vision
+        tower does not run again), and the context that injects them."""
+        inputs = {**self.inputs_without_pixels(batch), "input_ids": tokens, "attention_mask": attention_mask,
+                  "position_ids": position_ids_for(attention_mask)}
+        prompt = self.image_positions(batch["input_ids"])
+        positions = torch.cat([prompt, prompt.new_zeros(prompt.shape[0], tokens.shape[1] - prompt.shape[1])], 1)
+        return inputs, self.injected_vision_tokens(positions, features)
+
     def first_step_logits(self, batch: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
         """The sampler's first step: the prompt plus ``gen_length`` masks; the positions of the first block."""
         d = self.cfg.diffusion
         ids, mask = batch["input_ids"], batch["attention_mask"]
         tokens = torch.cat([ids, torch.full((ids.shape[0], d.gen_length), self.mask_token_id, device=ids.device)], 1)
         mask = torch.cat([mask, torch.ones(ids.shape[0], d.gen_length, dtype=mask.dtype, device=mask.device)], 1)
-        inputs = {"inputs_embeds": self.embed(tokens, features), "attention_mask": mask,
-                  "position_ids": position_ids_for(mask)}
-        return self.token_logits(self.model, inputs, d.gen_length)[:, : min(d.block_length, d.gen_length)]
+        inputs, injecting = self.answer_inputs(batch, tokens, mask, features)
+        with injecting:
+            return self.token_logits(self.model, inputs, d.gen_length)[:, : min(d.block_length, d.gen_length)]
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], features: torch.Tensor | None = None,
@@ -88,9 +98,9 @@ class MaskedDiffusionVLM(VisionLanguageModel):
         features = self.image_features(batch) if features is None else features
 
         def logits_fn(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            inputs = {"inputs_embeds": self.embed(tokens, features), "attention_mask": attention_mask,
-                      "position_ids": position_ids_for(attention_mask)}
-            return self.token_logits(self.model, inputs, d.gen_length)  # the answer's positions only
+            inputs, injecting = self.answer_inputs(batch, tokens, attention_mask, features)
+            with injecting:
+                return self.token_logits(self.model, inputs, d.gen_length)  # the answer's positions only
 
         tokens = diffusion_generate(
             logits_fn,

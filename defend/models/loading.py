@@ -7,11 +7,9 @@ from typing import Any
 import torch
 
 from defend.config import Config, ConfigError
-from defend.models.vision import VISION_TOWER_NAMES
+from defend.models.archs import ARCHITECTURES, check_model_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# vision-side modules that stay in full precision under QLoRA (names across transformers' VLMs)
-VISION_MODULE_NAMES = [*VISION_TOWER_NAMES, "multi_modal_projector", "qformer", "language_projection", "lm_head"]
 
 
 def resolve_model_path(cfg: Config) -> Path:
@@ -30,11 +28,17 @@ def resolve_model_path(cfg: Config) -> Path:
     return path
 
 
-def quantization_config(cfg: Config) -> Any:
+def full_precision_modules(model_type: str) -> list[str]:
+    """Skip patterns of the modules QLoRA keeps in full precision: the vision side and the output head.
+    Regexes: transformers matches skip patterns from the start of the full module name."""
+    return [rf".*\b{name}" for name in (*ARCHITECTURES[model_type]().vision_modules(), "lm_head")]
+
+
+def quantization_config(cfg: Config, model_type: str) -> Any:
     from transformers import BitsAndBytesConfig
 
     if cfg.quant.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[rf".*\b{name}" for name in VISION_MODULE_NAMES])
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=full_precision_modules(model_type))
     if not cfg.quant.load_in_4bit:
         return None
 
@@ -45,8 +49,7 @@ def quantization_config(cfg: Config) -> Any:
         bnb_4bit_use_double_quant=cfg.quant.double_quant,
         bnb_4bit_compute_dtype=compute,
         bnb_4bit_quant_storage=compute,  # = compute dtype, so ZeRO-3 can shard it (peft docs)
-        # regexes: transformers matches skip patterns from the start of the full module name
-        llm_int8_skip_modules=[rf".*\b{name}" for name in VISION_MODULE_NAMES],
+        llm_int8_skip_modules=full_precision_modules(model_type),
     )
 
 
@@ -57,6 +60,7 @@ def load_pretrained(cfg: Config) -> tuple[torch.nn.Module, Any]:
     from defend.models.image_only_processor import image_only_processor
 
     path = resolve_model_path(cfg)
+    check_model_folder(path, cfg.model.family)  # before any weights load
     remote = cfg.model.trust_remote_code
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=remote).model_type
     processor = image_only_processor(path, model_type, remote) or AutoProcessor.from_pretrained(
@@ -64,7 +68,7 @@ def load_pretrained(cfg: Config) -> tuple[torch.nn.Module, Any]:
     model = AutoModelForImageTextToText.from_pretrained(
         path,
         dtype=DTYPES[cfg.model.dtype],
-        quantization_config=quantization_config(cfg),
+        quantization_config=quantization_config(cfg, model_type),
         device_map=cfg.model.device_map,
         trust_remote_code=remote,
     )

@@ -14,109 +14,16 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_model
-from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
+from transformers import PreTrainedModel
 
 from defend.atomic import atomic_dir
-from defend.config import TinyConfig
-from defend.models.tokenizer import IMAGE_TOKEN, build_bpe_tokenizer
+from defend.config import ConfigError, TinyConfig
 
 TINY_PATH = "tiny"
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("DEFEND_CACHE", Path.home() / ".cache" / "defend"))
-
-
-# Everyday words beyond easy-vqa's, so that the tiny tokenizer holds whole words as a real one does
-# (attack targets such as "banana" or a refusal are then ordinary tokens, not byte fragments).
-GENERAL_WORDS = """
-i you he she it we they me my your this that these those here there what which who where when why
-how can cannot could would should will do does did not no yes sorry please help answer question
-image picture photo see look show tell know think sure unable refuse safe unsafe
-apple banana orange grape lemon cherry peach pear melon berry bread cake pizza coffee tea water milk
-cat dog horse cow bird fish sheep bear lion tiger mouse rabbit duck
-car bus train plane boat bike truck road street city house home room door window table chair bed
-man woman boy girl child people person friend family
-tree flower grass sky sun moon star cloud rain snow sea river mountain beach field park
-one two three four five six seven eight nine ten many some all none
-big small large little tall short long old new good bad happy sad hot cold left right top bottom
-white pink purple orange dark light square star heart oval diamond
-and or but with without on under over near far of to from for by at as is are was were be been
-""".split()
-
-
-def tiny_corpus() -> list[str]:
-    """Text the tiny tokenizer learns merges from: easy-vqa questions, answers, captions, and a small
-    general vocabulary (each word repeated so BPE merges it whole)."""
-    import easy_vqa
-
-    from defend.data.loaders import CAPTION_PROMPT, EASY_VQA_COLORS, EASY_VQA_SHAPES
-
-    questions, answers, _ = easy_vqa.get_train_questions()
-    captions = [f"a {c} {s}" for c in EASY_VQA_COLORS for s in EASY_VQA_SHAPES]
-    general = [" ".join(sorted(set(GENERAL_WORDS)))] * 50
-    return sorted(set(questions)) + sorted(set(answers)) + captions + [CAPTION_PROMPT] + general
-
-
-def vision_dims(tiny: TinyConfig) -> dict[str, int]:
-    """The ViT-shaped sizes every tiny vision tower shares."""
-    return dict(hidden_size=tiny.vision_hidden, intermediate_size=4 * tiny.vision_hidden,
-                num_hidden_layers=tiny.vision_layers, num_attention_heads=tiny.heads,
-                image_size=tiny.image_size, patch_size=tiny.patch_size)
-
-
-def text_dims(tiny: TinyConfig) -> dict[str, int]:
-    """The decoder sizes every tiny language model shares."""
-    return dict(hidden_size=tiny.text_hidden, intermediate_size=4 * tiny.text_hidden,
-                num_hidden_layers=tiny.text_layers, num_attention_heads=tiny.heads,
-                num_key_value_heads=tiny.heads)
-
-
-def _llava(tiny: TinyConfig, family: str, vocab_size: int, special: dict[str, int],
-           image_token_id: int) -> LlavaForConditionalGeneration:
-    vision = CLIPVisionConfig(**vision_dims(tiny))
-    text = LlamaConfig(
-        **text_dims(tiny),
-        vocab_size=vocab_size,
-        max_position_embeddings=1024,
-        tie_word_embeddings=tiny.tie_embeddings,
-        # Masked diffusion needs full attention; it must be set at construction to reach the
-        # attention modules (see REFERENCE.md section 5).
-        is_causal=(family == "mllm"),
-        **special,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=image_token_id,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        projector_hidden_act="gelu",
-    )
-    return LlavaForConditionalGeneration(config)
-
-
-def tiny_tokenizer(tiny: TinyConfig, **kwargs: Any) -> PreTrainedTokenizerFast:
-    """The offline BPE tokenizer of every tiny arch (``kwargs`` go to ``build_bpe_tokenizer``)."""
-    return build_bpe_tokenizer(tiny_corpus(), tiny.vocab_size, **kwargs)
-
-
-def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
-    """pad/bos/eos ids, as text configs take them."""
-    return {
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
 
 
 def save_tiny(model: PreTrainedModel, processor: Any, tiny: TinyConfig, family: str, out_dir: str | Path) -> Path:
@@ -136,27 +43,18 @@ def save_tiny(model: PreTrainedModel, processor: Any, tiny: TinyConfig, family: 
 
 
 def build_tiny_model(tiny: TinyConfig, family: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a random-init model, tokenizer and processor of ``family`` to ``out_dir``."""
-    if tiny.arch != "llava":
-        from defend.models.tiny_archs import build_tiny_arch
+    """Write a random-init model, tokenizer and processor of ``tiny.arch`` and ``family`` to ``out_dir``."""
+    from defend.models.archs import TINY_ARCHS
 
-        return build_tiny_arch(tiny, family, out_dir, seed)
+    if tiny.arch not in TINY_ARCHS:
+        raise ConfigError(f"tiny.arch: no tiny builder for '{tiny.arch}'; choose one of {', '.join(TINY_ARCHS)}.")
+    arch = TINY_ARCHS[tiny.arch]()
+    if family == "mdlm" and not arch.diffusion:
+        layouts = ", ".join(name for name, cls in TINY_ARCHS.items() if cls.diffusion)
+        raise ConfigError(f"tiny.arch={tiny.arch} with model.family=mdlm: masked diffusion runs on the {layouts}"
+                          " layouts; pick one of them (or model.family=mllm).")
     torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer(tiny)
-    model = _llava(tiny, family, len(tokenizer), special_token_ids(tokenizer),
-                   tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": tiny.image_size},
-        crop_size={"height": tiny.image_size, "width": tiny.image_size},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=tiny.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
-        chat_template=tokenizer.chat_template,
-    )
+    model, processor = arch.build_tiny(tiny, family)
     return save_tiny(model, processor, tiny, family, out_dir)
 
 
@@ -165,7 +63,8 @@ def tiny_model_path(tiny: TinyConfig, family: str, seed: int = 0) -> Path:
 
     Keyed by its settings and by the builders' source, so a changed builder never reuses a stale model.
     """
-    builders = [Path(__file__), Path(__file__).with_name("tiny_archs.py"), Path(__file__).with_name("tokenizer.py")]
+    here = Path(__file__).parent
+    builders = [Path(__file__), here / "tiny_components.py", here / "tokenizer.py", *sorted((here / "archs").glob("*.py"))]
     code = hashlib.sha256(b"".join(p.read_bytes() for p in builders)).hexdigest()
     key = json.dumps({"family": family, "seed": seed, "code": code, **vars(tiny)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]

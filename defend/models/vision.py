@@ -7,19 +7,17 @@ import torch
 
 from defend.config import ConfigError
 
-# attribute names of the image encoder across transformers' VLMs (LLaVA, PaliGemma: vision_tower;
-# BLIP-2: vision_model; Qwen2-VL: visual)
-VISION_TOWER_NAMES = ("vision_tower", "vision_model", "visual")
-
-
 def find_vision_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """The image encoder inside ``model`` (a peft wrapper included)."""
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in VISION_TOWER_NAMES:
+    """The image encoder inside ``model`` (a peft wrapper included), named by its architecture adapter."""
+    from defend.models.archs import architecture
+
+    name = architecture(model.config).vision_tower
+    for path, module in model.named_modules():
+        if path.rsplit(".", 1)[-1] == name:
             return module
     raise ConfigError(
-        f"{type(model).__name__}: no vision encoder found (looked for submodules named"
-        f" {', '.join(VISION_TOWER_NAMES)}); train.freeze_vision_tower and pretrain_vision need one."
+        f"{type(model).__name__}: no vision encoder found (no submodule named '{name}');"
+        " train.freeze_vision_tower and pretrain_vision need one."
     )
 
 

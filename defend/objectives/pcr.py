@@ -41,22 +41,20 @@ class PatchCrossView(Objective):
         self.generators = {"patches": torch.Generator().manual_seed(ctx.cfg.seed * 1000 + 4 + rank())}
 
     def add_views(self, batch: dict[str, Any]) -> dict[str, Any]:
-        pixels = batch.get("pixel_values")
-        if pixels is None:
+        if not batch["image_rows"].any():
             raise ConfigError("objective.name=pcr: a training batch has no images; PCR perturbs images.")
-        if pixels.dim() != 4:
-            raise ConfigError(
-                f"objective.name=pcr: this model's processor gives images as {tuple(pixels.shape)}, not"
-                " (N, C, H, W) (e.g. Qwen2-VL's flattened patches); PCR supports LLaVA-style image tensors."
-            )
-        cfg = self.cfg
-        try:
-            perturbed = patch_augment(pixels, cfg.patch_size, cfg.fraction, cfg.mode, self.generators["patches"],
-                                      cfg.noise_std)
+        cfg, arch = self.cfg, self.ctx.vlm.arch
+
+        def perturb(images: torch.Tensor) -> torch.Tensor:
+            return patch_augment(images, cfg.patch_size, cfg.fraction, cfg.mode, self.generators["patches"],
+                                 cfg.noise_std)
+
+        try:  # every image (every anyres crop; Qwen2-VL's patches as pixels again), the architecture's way
+            perturbed = arch.perturb_pixels(batch, perturb)
         except ValueError as err:
             raise ConfigError(f"objective.pcr: {err}.") from err
         doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}
-        doubled["pixel_values"] = torch.cat([pixels, perturbed])
+        doubled["pixel_values"] = torch.cat([batch["pixel_values"], perturbed])
         return doubled
 
     def loss_scale(self, scores: ResponseScores, batch: dict[str, Any], step: int) -> torch.Tensor | None:

@@ -6,27 +6,32 @@ from typing import Any
 import torch
 
 from defend.config import ConfigError
+from defend.models.vision_tokens import VisionTokens
 from defend.purify.saliency import vision_token_scores
 
 
-def top_fraction(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """(n_images, tokens) bool: each image's ``round(ratio * tokens)`` highest-scored tokens."""
-    k = round(ratio * scores.shape[1])
+def top_fraction(scores: torch.Tensor, counts: list[int], ratio: float) -> torch.Tensor:
+    """(N,) bool: each image's ``round(ratio * tokens)`` highest-scored tokens (``counts``: tokens per image)."""
     chosen = torch.zeros_like(scores, dtype=torch.bool)
-    if k:
-        chosen.scatter_(1, scores.topk(k, dim=1).indices, True)
+    start = 0
+    for n in counts:
+        k = round(ratio * n)
+        if k:
+            chosen[start + scores[start: start + n].topk(k).indices] = True
+        start += n
     return chosen
 
 
-def replacement_rows(vlm, features: torch.Tensor, per_image: int, replacement: str) -> torch.Tensor:
+def replacement_rows(vlm, tokens: VisionTokens, replacement: str) -> torch.Tensor:
     """What a masked vision token becomes, one row per token: ``mask`` (the mask token's input
     embedding; masked-diffusion models), ``pad`` (the pad token's), ``zero``, or ``mean`` (the mean of
     that image's vision tokens)."""
+    features = tokens.features
     if replacement == "zero":
         return torch.zeros_like(features)
     if replacement == "mean":
-        images = features.reshape(-1, per_image, features.shape[-1])
-        return images.mean(1, keepdim=True).expand_as(images).reshape_as(features)
+        means = torch.stack([image.mean(0) for image in tokens.split(features)])
+        return means.repeat_interleave(torch.tensor(tokens.counts, device=features.device), dim=0)
     token_id = vlm.mask_token_id if replacement == "mask" else vlm.tokenizer.pad_token_id
     if token_id is None:
         raise ValueError(f"purify.replacement={replacement}: the tokenizer has no {replacement} token")
@@ -35,15 +40,15 @@ def replacement_rows(vlm, features: torch.Tensor, per_image: int, replacement: s
 
 def masked_features(vlm, batch: dict[str, Any], ratio: float, selection: str, replacement: str, samples: int,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's vision tokens with the top ``ratio`` of each image replaced; and the (n_images,
-    tokens) mask of which were."""
+    """The batch's vision tokens (N, hidden) with the top ``ratio`` of each image replaced; and the (N,)
+    mask of which were."""
     with torch.no_grad():
-        features = vlm.image_features(batch)  # once: scored, then edited
-    scores = vision_token_scores(vlm, batch, selection, samples, generator, features)
-    chosen = top_fraction(scores, ratio)
+        tokens = vlm.vision_tokens(batch)  # once: scored, then edited
+    scores = vision_token_scores(vlm, batch, selection, samples, generator, tokens)
+    chosen = top_fraction(scores, tokens.counts, ratio)
     with torch.no_grad():
-        fill = replacement_rows(vlm, features, scores.shape[1], replacement)
-        return torch.where(chosen.reshape(-1, 1), fill, features), chosen
+        fill = replacement_rows(vlm, tokens, replacement)
+        return torch.where(chosen.unsqueeze(1), fill, tokens.features), chosen
 
 
 class MaskedGenerator:
@@ -69,7 +74,7 @@ class MaskedGenerator:
 def masked_generate(vlm, batch: dict[str, Any], ratio: float, selection: str, replacement: str, samples: int,
                     generator: torch.Generator) -> list[str]:
     """Greedy answers with the top ``ratio`` vision tokens of each image masked (``ratio`` 0: plain)."""
-    if ratio <= 0 or "pixel_values" not in batch:
+    if ratio <= 0 or not vlm.image_positions(batch["input_ids"]).any():
         return vlm.generate(batch)
     features, _ = masked_features(vlm, batch, ratio, selection, replacement, samples, generator)
     return vlm.generate(batch, features=features)

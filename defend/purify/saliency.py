@@ -15,25 +15,18 @@ from typing import Any
 
 import torch
 
-
-def tokens_per_image(batch: dict[str, Any], features: torch.Tensor) -> int:
-    n_images = batch["pixel_values"].shape[0]
-    return features.shape[0] // n_images
+from defend.models.vision_tokens import VisionTokens
 
 
 def repeat_rows(batch: dict[str, Any], k: int) -> dict[str, Any]:
     return {key: v.repeat(k, *[1] * (v.dim() - 1)) if torch.is_tensor(v) else v for key, v in batch.items()}
 
 
-def fisher_saliency(vlm, batch: dict[str, Any], samples: int, generator: torch.Generator,
-                    features: torch.Tensor | None = None) -> torch.Tensor:
-    """(n_images, tokens_per_image): ``mean_k ||grad_{e_i} log p(y_k)||^2`` at the first generation step."""
-    if features is None:
-        with torch.no_grad():
-            features = vlm.image_features(batch)
-    per_image = tokens_per_image(batch, features)
+def fisher_saliency(vlm, batch: dict[str, Any], tokens: VisionTokens, samples: int,
+                    generator: torch.Generator) -> torch.Tensor:
+    """(N,): ``mean_k ||grad_{e_i} log p(y_k)||^2`` at the first generation step, per vision token."""
     repeated = repeat_rows(batch, samples)
-    leaf = features.detach().repeat(samples, 1).requires_grad_(True)
+    leaf = tokens.features.detach().repeat(samples, 1).requires_grad_(True)
     trainable = [p for p in vlm.model.parameters() if p.requires_grad]
     try:  # only the vision tokens need gradients: the forward keeps nothing for the weights
         for p in trainable:
@@ -47,46 +40,45 @@ def fisher_saliency(vlm, batch: dict[str, Any], samples: int, generator: torch.G
     finally:
         for p in trainable:
             p.requires_grad_(True)
-    scores = grad.float().pow(2).sum(-1)  # (K * n_tokens,)
-    return scores.reshape(samples, -1, per_image).mean(0)
+    return grad.float().pow(2).sum(-1).reshape(samples, -1).mean(0)
 
 
-def attention_saliency(vlm, batch: dict[str, Any], features: torch.Tensor | None = None) -> torch.Tensor:
-    """(n_images, tokens_per_image): attention from the last prompt position to each vision token."""
+def attention_saliency(vlm, batch: dict[str, Any], tokens: VisionTokens) -> torch.Tensor:
+    """(N,): attention from the last prompt position to each vision token (mean over layers and heads)."""
     with torch.no_grad():
-        features = vlm.image_features(batch) if features is None else features
-        per_image = tokens_per_image(batch, features)
-        model = vlm.model
+        model = vlm.base_model
         previous = model.config._attn_implementation
         model.set_attn_implementation("eager")  # attention weights are only returned by the eager kernel
+        positions = vlm.image_positions(batch["input_ids"])
+        inputs = vlm.inputs_without_pixels(batch)
+        order = vlm.arch.position_ids(batch["attention_mask"])
+        if order is not None:
+            inputs["position_ids"] = order
         try:
-            mask = batch["attention_mask"]
-            out = model(inputs_embeds=vlm.embed(batch["input_ids"], features), attention_mask=mask,
-                        position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0), output_attentions=True)
+            with vlm.injected_vision_tokens(positions, tokens.features):
+                out = model(**inputs, output_attentions=True)
         finally:
             model.set_attn_implementation(previous)
-        attention = torch.stack(out.attentions).float().mean((0, 2))[:, -1]  # (B, L): last prompt position
-        image = batch["input_ids"] == model.config.image_token_id
-        return attention[image].reshape(-1, per_image)
+        attentions = out.attentions if getattr(out, "attentions", None) else out.language_model_outputs.attentions
+        attention = torch.stack(attentions).float().mean((0, 2))[:, -1]  # (B, L): last prompt position
+        return attention[positions]
 
 
-def random_saliency(vlm, batch: dict[str, Any], generator: torch.Generator,
-                    features: torch.Tensor | None = None) -> torch.Tensor:
-    if features is None:
-        with torch.no_grad():
-            features = vlm.image_features(batch)
-    per_image = tokens_per_image(batch, features)
-    return torch.rand(features.shape[0] // per_image, per_image, generator=generator)
+def random_saliency(tokens: VisionTokens, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(tokens.features.shape[0], generator=generator)
 
 
 def vision_token_scores(vlm, batch: dict[str, Any], selection: str, samples: int, generator: torch.Generator,
-                        features: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores of every vision token, (n_images, tokens_per_image); ``features``: the batch's
-    ``image_features`` if already computed."""
+                        tokens: VisionTokens | None = None) -> torch.Tensor:
+    """(N,): a score for every vision token of the batch (``tokens``: its ``vision_tokens`` if already
+    computed)."""
+    if tokens is None:
+        with torch.no_grad():
+            tokens = vlm.vision_tokens(batch)
     if selection == "saliency":
-        return fisher_saliency(vlm, batch, samples, generator, features)
+        return fisher_saliency(vlm, batch, tokens, samples, generator)
     if selection == "attention":
-        return attention_saliency(vlm, batch, features)
+        return attention_saliency(vlm, batch, tokens)
     if selection == "random":
-        return random_saliency(vlm, batch, generator, features)
+        return random_saliency(tokens, generator)
     raise ValueError(f"unknown selection '{selection}' (saliency, attention or random)")

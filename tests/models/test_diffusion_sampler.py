@@ -39,12 +39,19 @@ def test_a_batch_costs_exactly_steps_language_model_passes(mdlm):
     assert len(vision_calls) == 1  # image features are computed once per batch
 
 
+def embed(vlm, tokens, features):
+    """The oracle of the vision-token seam: token embeddings with the image placeholders replaced."""
+    embeds = vlm.model.get_input_embeddings()(tokens)
+    image = (tokens == vlm.model.config.image_token_id).unsqueeze(-1)
+    return embeds.masked_scatter(image, features.to(embeds.dtype))
+
+
 def raw_tokens(vlm, batch):
     features = vlm.image_features(batch)
     from defend.models.diffusion import position_ids_for
 
     def logits_fn(tokens, mask):
-        return vlm.model(inputs_embeds=vlm.embed(tokens, features), attention_mask=mask,
+        return vlm.model(inputs_embeds=embed(vlm, tokens, features), attention_mask=mask,
                          position_ids=position_ids_for(mask)).logits
 
     d = vlm.cfg.diffusion
@@ -125,7 +132,7 @@ def test_one_step_answer_is_the_argmax_at_the_family_s_scoring_position(mdlm, sh
     ids = torch.cat([batch["input_ids"], torch.full((len(samples), 1), vlm.mask_token_id)], 1)
     mask = torch.cat([batch["attention_mask"], torch.ones(len(samples), 1, dtype=torch.long)], 1)
     with torch.no_grad():
-        logits = vlm.model(inputs_embeds=vlm.embed(ids, vlm.image_features(batch)), attention_mask=mask,
+        logits = vlm.model(inputs_embeds=embed(vlm, ids, vlm.image_features(batch)), attention_mask=mask,
                            position_ids=position_ids_for(mask)).logits
     expected = vlm.decode(logits[:, -2 if shifted else -1].argmax(-1, keepdim=True))
     assert answers == expected

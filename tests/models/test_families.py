@@ -17,11 +17,11 @@ from defend.data import load_samples
 from defend.models import load_model
 from defend.models.diffusion_loss import masked_diffusion_loss
 from defend.models.lora import apply_lora, language_model_prefix
-from defend.models.loading import VISION_MODULE_NAMES
+from defend.models.archs import ARCHITECTURES
 from defend.models.tiny import tiny_model_path
 
 SMALL = {"text_hidden": 32, "vision_hidden": 32, "text_layers": 1, "vision_layers": 1, "heads": 4}
-VISION_SIDE = [n for n in VISION_MODULE_NAMES if n != "lm_head"]
+VISION_SIDE = sorted({n for cls in ARCHITECTURES.values() for n in cls().vision_modules()})
 CASES = [
     pytest.param("llava", "mllm", id="llava"),
     pytest.param("blip2", "mllm", id="blip2"),

@@ -1,5 +1,5 @@
 from defend.config import TinyConfig
-from defend.models.tiny import GENERAL_WORDS, tiny_tokenizer
+from defend.models.tiny_components import GENERAL_WORDS, tiny_tokenizer
 
 
 def test_tiny_tokenizer_holds_easy_vqa_and_general_words_whole():

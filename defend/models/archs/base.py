@@ -1,0 +1,81 @@
+"""What a vision-language architecture must tell the rest of ``defend``, with LLaVA's answers as defaults.
+
+Every defense talks to a model through one seam: the language model's input embeddings. The vision
+tokens of a batch are the rows of ``inputs_embeds`` at the image placeholder positions, exactly as
+the model's own ``forward`` built them (projected, anyres-packed with newline tokens, PaliGemma's
+scaling, Qwen2-VL's merged patches); DiSP reads them there and writes edited ones back there with a
+forward pre-hook on the language model (``defend.models.vision_tokens``), so the model's own
+``forward`` and ``generate`` (M-RoPE, prefix-LM masks, anyres packing, KV cache) stay untouched and
+gradients reach the edited tokens. An architecture file says where that seam is, which modules are
+vision-side, how PCR perturbs its pixel tensors, and how a tiny random-init copy is built.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+# (N, C, H, W) -> (N, C, H, W): a perturbation of whole images (PCR's patch augmentation)
+ImagePerturbation = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Architecture:
+    """One family of transformers' vision-language classes (a ``model_type``)."""
+
+    model_type: str = ""  # the config.json ``model_type`` this adapter serves
+    tiny_arch: str | None = None  # its ``tiny.arch`` name, when it has a tiny builder
+    # submodule names of the image side: frozen by train.freeze_vision_tower (the first), kept in full
+    # precision under QLoRA (all), never LoRA targets unless named
+    vision_tower: str = "vision_tower"
+    projector: tuple[str, ...] = ("multi_modal_projector",)
+    # batch keys that only feed the vision tower: left out of calls whose vision tokens are injected
+    pixel_inputs: tuple[str, ...] = ("pixel_values",)
+    # masked diffusion (a bidirectional text model) is supported on this layout
+    diffusion: bool = False
+
+    def __init__(self, config: Any = None):
+        self.config = config  # the model's config (None: only the names and the tiny builder are used)
+
+    def vision_modules(self) -> tuple[str, ...]:
+        return (self.vision_tower, *self.projector)
+
+    def image_token_id(self, config: Any) -> int:
+        token = getattr(config, "image_token_id", None)
+        return config.image_token_index if token is None else token
+
+    def language_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module whose ``inputs_embeds`` hold the merged vision tokens (the seam)."""
+        return model.model.language_model
+
+    def keeps_pixels(self) -> bool:
+        """Whether a call with injected vision tokens still needs the pixel inputs (BLIP-2's forward
+        and generate run the vision tower unconditionally)."""
+        return False
+
+    def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Positions of a left-padded batch as ``generate`` assigns them (None: the model derives them)."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def perturb_pixels(self, batch: dict[str, Any], perturb: ImagePerturbation) -> torch.Tensor:
+        """``pixel_values`` with every image (every crop, for anyres models) perturbed by ``perturb``."""
+        pixels = batch["pixel_values"]
+        if pixels.dim() != 4:
+            raise ValueError(f"{self.model_type}: expected pixel_values as (N, C, H, W), got {tuple(pixels.shape)}")
+        return perturb(pixels)
+
+    def build_tiny(self, tiny: Any, family: str) -> tuple[torch.nn.Module, Any]:
+        """A random-init model of this layout and its processor, from ``TinyConfig`` sizes."""
+        raise NotImplementedError(f"{self.model_type} has no tiny builder")
+
+
+class AnyResArchitecture(Architecture):
+    """LLaVA-NeXT / LLaVA-OneVision: each image is a base view plus high-resolution crops,
+    ``pixel_values`` (N, crops, C, H, W) zero-padded to the batch's most crops."""
+
+    def perturb_pixels(self, batch: dict[str, Any], perturb: ImagePerturbation) -> torch.Tensor:
+        pixels = batch["pixel_values"]
+        if pixels.dim() != 5:
+            raise ValueError(f"{self.model_type}: expected pixel_values as (N, crops, C, H, W), got"
+                             f" {tuple(pixels.shape)}")
+        n, crops = pixels.shape[:2]
+        return perturb(pixels.flatten(0, 1)).reshape(pixels.shape)  # padding crops are never read
