@@ -94,6 +94,17 @@ def cmd_cp(args: argparse.Namespace) -> None:
     print(f"copied {source.name} -> {dest}")
 
 
+def check_model(cfg) -> None:
+    """A real checkpoint's folder and architecture (its config.json's model_type), without loading it."""
+    from defend.models.archs import check_model_folder
+    from defend.models.tiny import TINY_PATH
+
+    if cfg.model.path and cfg.model.path != TINY_PATH:
+        from defend.models.loading import resolve_model_path
+
+        check_model_folder(resolve_model_path(cfg), cfg.model.family)
+
+
 def cmd_validate(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     from defend.engine.ds_config import check_combination, load_ds_config
@@ -102,6 +113,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
     check_combination(cfg, load_ds_config(cfg.deepspeed))
     objective_names(cfg)
+    check_model(cfg)
     print(dump_config(cfg), end="")
     print(f"# {args.config}: valid")
 
