@@ -13,7 +13,7 @@ import defend
 from defend.atomic import atomic_dir
 from defend.cli import run_recipe
 from defend.config import Config, load_config
-from defend.models.tiny import cache_root
+from defend.models.tiny import TINY_PATH, cache_root
 
 
 def flat(settings: dict, prefix: str = "") -> dict:
@@ -54,8 +54,13 @@ def cached_stages(cfg: Config, name: str, stages: list[tuple[str, str, list[str]
 
 def pretrained_bases(cfg: Config, out: Path, log, families: list[str] | None = None) -> tuple[dict[str, Path], dict[str, float]]:
     """Each family's pre-trained base (``families``, default ``demo.families``): one vision encoder for
-    all (``demo.vision_config``), then each family's own language stages (``demo.pretrain_configs``)."""
-    seed = [f"seed={cfg.seed}"]
+    all (``demo.vision_config``), then each family's own language stages (``demo.pretrain_configs``),
+    on the tiny architecture ``tiny.arch``; a real ``model.path`` is every family's base as it is."""
+    families = families or cfg.demo.families
+    if cfg.model.path and cfg.model.path != TINY_PATH:
+        log.info("bases: %s as given (model.path), nothing to pre-train", cfg.model.path)
+        return {family: Path(cfg.model.path) for family in families}, {}
+    seed = [f"seed={cfg.seed}", f"tiny.arch={cfg.tiny.arch}"]
     vision: list[str] = []
     seconds = {}
     if cfg.demo.vision_config:
@@ -63,7 +68,7 @@ def pretrained_bases(cfg: Config, out: Path, log, families: list[str] | None = N
                                                    out, log)
         vision = [f"model.vision_tower_from={encoder}"]
     bases = {}
-    for family in families or cfg.demo.families:
+    for family in families:
         stages = [("finetune", name.format(family=family), [*seed, f"model.family={family}", *(vision if n == 0 else [])])
                   for n, name in enumerate(cfg.demo.pretrain_configs)]
         bases[family], seconds[family] = cached_stages(cfg, family, stages, out / family, log)

@@ -19,6 +19,7 @@ from defend.atomic import write_json, write_text
 from defend.cells import run_cell
 from defend.cli import run_recipe
 from defend.config import Config, ConfigError
+from defend.models.tiny import TINY_PATH
 from defend.report import mask_ratio_sweep_plot
 from defend.run_dir import start_run
 
@@ -41,6 +42,8 @@ def point(cfg: Config, folder: Path, selection: str, ratio: float, log) -> dict:
                  f"model.adapter={cfg.model.adapter or 'null'}", f"eval.poison_dir={cfg.eval.poison_dir}",
                  f"purify.mask_ratio={ratio}", f"purify.selection={selection}", f"purify.replacement={p.replacement}",
                  f"purify.saliency_samples={p.saliency_samples}", f"purify.seed={p.seed}", *cfg.sweep.evaluate_overrides]
+    if cfg.model.path == TINY_PATH:  # a random-init tiny model (tests): of the architecture asked for
+        overrides.append(f"tiny.arch={cfg.tiny.arch}")
 
     def work(folder: Path) -> dict:
         metrics = run_recipe("evaluate", cfg.sweep.evaluate_config, [*overrides, f"output_dir={folder}"])

@@ -26,6 +26,7 @@ from defend.atomic import write_json, write_text
 from defend.config import Config, ConfigError, TargetConfig
 from defend.data import load_samples
 from defend.data.samples import Sample
+from defend.engine.memory import explain_out_of_memory
 from defend.metrics.asr import attack_success
 from defend.metrics.captioning import caption_scores
 from defend.metrics.vqa import vqa_accuracy
@@ -57,8 +58,10 @@ def load_eval_sets(cfg: Config) -> tuple[dict[str, list[Sample]], TargetConfig |
 def generate_all(vlm: VisionLanguageModel, samples: list[Sample], batch_size: int, desc: str, generate=None) -> list[str]:
     loader = DataLoader(samples, batch_size=batch_size, collate_fn=vlm.generate_collator())
     predictions: list[str] = []
+    knobs = {"eval.batch_size": batch_size, "train.max_length (the prompt budget)": vlm.cfg.train.max_length}
     for batch in tqdm(loader, desc=desc):
-        predictions.extend((generate or vlm.generate)(batch))
+        with explain_out_of_memory(f"evaluate ({desc})", knobs, batch):
+            predictions.extend((generate or vlm.generate)(batch))
     return predictions
 
 

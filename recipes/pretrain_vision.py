@@ -28,20 +28,20 @@ from defend.engine.engine import build_engine, prepare_deepspeed, release_deepsp
 from defend.engine.loop import total_steps, train_loop, train_summary
 from defend.models import load_model
 from defend.models.saving import save_model_folder
-from defend.models.vision import find_vision_tower, pooled_image_features
+from defend.models.vision import find_vision_tower
 from defend.run_dir import seed_everything, start_run
 
 
 class BagOfWordsClassifier(torch.nn.Module):
     """Vision encoder + a linear layer over the caption vocabulary."""
 
-    def __init__(self, tower: torch.nn.Module, hidden_size: int, vocab_size: int):
+    def __init__(self, tower: torch.nn.Module, arch, vocab_size: int):
         super().__init__()
-        self.tower = tower
-        self.head = torch.nn.Linear(hidden_size, vocab_size)
+        self.tower, self.arch = tower, arch
+        self.head = torch.nn.Linear(arch.pooled_size(), vocab_size)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.head(pooled_image_features(self.tower, pixel_values))
+    def forward(self, **pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.arch.pooled_image_features(self.tower, pixels))
 
 
 class PretrainVisionRecipe:
@@ -57,7 +57,7 @@ class PretrainVisionRecipe:
         self.vlm = load_model(cfg)
         tower = find_vision_tower(self.vlm.model)
         seed_everything(cfg.seed)  # the head's random init (start_run seeds again, after the input checks)
-        self.classifier = BagOfWordsClassifier(tower, tower.config.hidden_size, len(self.vocab))
+        self.classifier = BagOfWordsClassifier(tower, self.vlm.arch, len(self.vocab))
         self.collate(self.samples[: cfg.train.micro_batch_size])  # bad images fail before any output
         self.log = start_run(cfg, "pretrain_vision")
         self.log.info("%d captioned images; %d words to predict: %s", len(self.samples), len(self.vocab),
@@ -72,16 +72,19 @@ class PretrainVisionRecipe:
 
     def collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         images = [s.load_image() for s in samples]
-        pixels = self.vlm.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixels, "targets": bag_of_words([s.response for s in samples], self.vocab)}
+        processed = self.vlm.processor.image_processor(images=images, return_tensors="pt")
+        pixels = {k: v for k, v in processed.items() if torch.is_tensor(v)}  # + image_grid_thw, image_sizes, ...
+        return {"pixels": pixels, "targets": bag_of_words([s.response for s in samples], self.vocab)}
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        pixels = batch["pixel_values"].to(self.engine.device)
+    def loss(self, batch: dict) -> torch.Tensor:
+        dtype = self.engine.module.head.weight.dtype
+        pixels = {k: v.to(self.engine.device, dtype if v.is_floating_point() else v.dtype)
+                  for k, v in batch["pixels"].items()}
         if self.cfg.pretrain_vision.hflip:
-            flip = torch.rand(len(pixels), generator=self.flips) < 0.5
-            pixels = torch.where(flip[:, None, None, None].to(pixels.device), pixels.flip(-1), pixels)
+            flip = torch.rand(len(batch["targets"]), generator=self.flips) < 0.5
+            pixels = self.vlm.arch.hflip(pixels, flip)
         targets = batch["targets"].to(self.engine.device)
-        logits = self.engine(pixels.to(self.engine.module.head.weight.dtype))
+        logits = self.engine(**pixels)
         # exact-set accuracy: every caption word predicted and no other
         self.correct.append(((logits > 0) == (targets > 0)).all(dim=1).float().mean().item())
         return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from defend.config import TrainConfig
 from defend.engine.checkpoint import Checkpointer
 from defend.engine.distributed import rank, world_size
+from defend.engine.memory import explain_out_of_memory
 from defend.engine.preemption import StopRequest, TrainingStopped
 
 
@@ -35,6 +36,11 @@ def keep_log_until(log_path: Path, step: int) -> None:
         return
     kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
     log_path.write_text("".join(line + "\n" for line in kept))
+
+
+def training_knobs(train: TrainConfig) -> dict[str, object]:
+    """The settings that shrink a training step's memory (raise train.grad_accum to keep the batch)."""
+    return {"train.micro_batch_size": train.micro_batch_size, "train.max_length": train.max_length}
 
 
 def train_loop(engine, batches: Iterator[Any], loss_fn: Callable[[Any], Any], total_steps: int,
@@ -60,10 +66,14 @@ def train_loop(engine, batches: Iterator[Any], loss_fn: Callable[[Any], Any], to
         while step < total_steps:
             window, window_terms = [], []
             for _ in range(train.grad_accum):
-                loss = loss_fn(next(batches))
-                loss, parts = loss if isinstance(loss, tuple) else (loss, {})
-                engine.backward(loss)
-                engine.step()
+                batch = next(batches)
+                with explain_out_of_memory(f"{desc} step {step + 1}", training_knobs(train), batch,
+                                           also="raise train.grad_accum to keep the batch, or shard more"
+                                                " (deepspeed=zero3, quant.load_in_4bit=true)"):
+                    loss = loss_fn(batch)
+                    loss, parts = loss if isinstance(loss, tuple) else (loss, {})
+                    engine.backward(loss)
+                    engine.step()
                 window.append(loss.item())
                 window_terms.append(parts)
             step += 1

@@ -8,6 +8,7 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 from defend.config import ConfigError, LoraConfig
 
 LANGUAGE_MODEL = "language_model"
+ARCHITECTURE_ALIASES = ("projector", "vision_tower")
 
 
 def language_model_prefix(model: torch.nn.Module) -> str:
@@ -44,9 +45,22 @@ def language_model_linear_names(model: torch.nn.Module) -> list[str]:
 
 
 def expand_target(model: torch.nn.Module, target: str) -> list[str]:
-    """``language_model``, or the name of a container (e.g. ``vision_tower``): its linear layers."""
+    """``language_model``; ``projector`` / ``vision_tower`` (whatever the architecture calls them:
+    LLaVA's multi_modal_projector, BLIP-2's language_projection, Qwen2-VL's merger; vision_model,
+    visual); or the name of a container: its linear layers."""
     if target == LANGUAGE_MODEL:
         return language_model_linear_names(model)
+    if target in ARCHITECTURE_ALIASES:
+        from defend.models.archs import architecture
+
+        arch = architecture(model.config)
+        names = arch.projector if target == "projector" else (arch.vision_tower,)
+        return [linear for name in names for linear in container_linears(model, name)]
+    return container_linears(model, target)
+
+
+def container_linears(model: torch.nn.Module, target: str) -> list[str]:
+    """The linear layers inside the modules named (or ending in) ``target``; else ``target`` itself."""
     linear = linear_types()
     named = [n for n, m in model.named_modules()
              if (n == target or n.endswith("." + target)) and not isinstance(m, linear)]

@@ -21,15 +21,15 @@ def find_vision_tower(model: torch.nn.Module) -> torch.nn.Module:
     )
 
 
-def pooled_image_features(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+def pooled_vit_features(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Mean of the encoder's last hidden states over its patch tokens (a CLS token left out, as
     LLaVA-style models drop it too): one vector per image."""
     try:
         hidden = tower(pixel_values=pixel_values).last_hidden_state
     except TypeError as err:
         raise ConfigError(
-            f"{type(tower).__name__} does not take a plain pixel_values batch ({err}); pretrain_vision"
-            " supports ViT-style encoders (CLIP, SigLIP, BLIP-2)."
+            f"{type(tower).__name__} does not take a plain pixel_values batch ({err}); its architecture"
+            " adapter (defend/models/archs/) must pool its features itself (pooled_image_features)."
         ) from err
     config = tower.config
     n_patches = (config.image_size // config.patch_size) ** 2 if hasattr(config, "patch_size") else None

@@ -17,6 +17,7 @@ from defend.atomic import write_text
 from defend.config import Config
 from defend.data.loaders import row_sample
 from defend.data.samples import DataError, Sample
+from defend.engine.memory import explain_out_of_memory
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,12 @@ def purify_block(cfg: Config, path: Path, block: Block, vlm, generate, out: Path
     torch.manual_seed(cfg.purify.seed * 1_000_003 + block.index)  # same draws whichever actor runs it, whenever
     generate.generator.manual_seed(cfg.purify.seed * 1_000_003 + block.index)
     size = cfg.purify.batch_size
+    knobs = {"purify.batch_size": size, "train.max_length (the prompt budget)": cfg.train.max_length}
     for i in range(0, len(good), size):
-        answers.extend(generate(collate([s for _, s in good[i:i + size]])))
+        batch = collate([s for _, s in good[i:i + size]])
+        with explain_out_of_memory(f"purify block {block.index}, rows {i}-{i + len(batch['sample_ids']) - 1}",
+                                   knobs, batch):
+            answers.extend(generate(batch))
     image_column, response_column = cfg.dataset.image_column, cfg.dataset.response_column
     rows = [{**row, image_column: sample.meta["image_path"], response_column: answer,
              "original_response": row[response_column]}

@@ -63,7 +63,9 @@ class MaskedGenerator:
         if self.replacement == "mask" and vlm.family != "mdlm":
             raise ConfigError("purify.replacement=mask needs a masked-diffusion model (model.family=mdlm);"
                               " use pad, zero or mean.")
-        self.generator = torch.Generator().manual_seed(purify.seed)
+        # on the model's device: saliency draws labels from, and random selection scores, tensors there
+        device = next(vlm.model.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(purify.seed)
 
     def __call__(self, batch: dict[str, Any]) -> list[str]:
         c = self.cfg

@@ -34,7 +34,8 @@ def fisher_saliency(vlm, batch: dict[str, Any], tokens: VisionTokens, samples: i
         with torch.enable_grad():
             logits = vlm.first_step_logits(repeated, leaf).float()  # (K*B, P, V)
             logp = torch.log_softmax(logits, dim=-1)
-            drawn = torch.multinomial(logp.detach().exp().flatten(0, 1), 1, generator=generator)
+            probs = logp.detach().exp().flatten(0, 1)
+            drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
             chosen = logp.flatten(0, 1).gather(1, drawn).sum()
             (grad,) = torch.autograd.grad(chosen, leaf)
     finally:
@@ -65,7 +66,8 @@ def attention_saliency(vlm, batch: dict[str, Any], tokens: VisionTokens) -> torc
 
 
 def random_saliency(tokens: VisionTokens, generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(tokens.features.shape[0], generator=generator)
+    features = tokens.features
+    return torch.rand(features.shape[0], generator=generator, device=generator.device).to(features.device)
 
 
 def vision_token_scores(vlm, batch: dict[str, Any], selection: str, samples: int, generator: torch.Generator,

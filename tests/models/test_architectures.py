@@ -200,3 +200,38 @@ def test_abl_isolates_then_unlearns(arch, tmp_path):
     assert abl.losses and terms["abl_isolated"] == len(abl.isolated) >= 1
     assert abl.isolated == sorted(abl.losses, key=abl.losses.get)[: len(abl.isolated)]  # the lowest losses
     assert terms["abl_unlearn"] < 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hflip_equals_processing_the_mirrored_image(arch):
+    """The adapter's flip of processed pixels (Qwen2-VL: of its flattened patches) is what the processor
+    gives for the mirrored image: the base view of anyres models, every image of the others."""
+    from PIL import Image
+
+    _, vlm, samples = loaded(arch, "mllm")
+    images = [s.load_image() for s in samples[:2]]
+    process = vlm.processor.image_processor
+
+    def pixels(imgs):
+        return {k: v for k, v in process(images=imgs, return_tensors="pt").items() if torch.is_tensor(v)}
+
+    flipped = vlm.arch.hflip(pixels(images), torch.tensor([True, False]))["pixel_values"]
+    expected = pixels([images[0].transpose(Image.FLIP_LEFT_RIGHT), images[1]])["pixel_values"]
+    if flipped.dim() == 5:
+        flipped, expected = flipped[:, 0], expected[:, 0]
+    assert torch.allclose(flipped, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pretrain_vision_trains_the_tower_of_every_architecture(arch, tmp_path):
+    from recipes.pretrain_vision import recipe_main
+
+    cfg = config(arch, "mllm", "dataset.name=easy_vqa_captions", "dataset.split=train", "dataset.max_samples=8",
+                 "train.max_steps=2", "train.micro_batch_size=4", "train.lr=1e-2", "deepspeed=zero0",
+                 f"output_dir={tmp_path}")
+    summary = recipe_main(cfg)
+    from defend.models.vision import find_vision_tower
+
+    before = find_vision_tower(loaded(arch, "mllm")[1].model).state_dict()
+    after = find_vision_tower(load_model(config(arch, "mllm", f"model.path={summary['saved']}")).model).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -34,3 +34,22 @@ def test_a_container_name_targets_every_linear_layer_inside_it(make_cfg):
     lora = apply_lora(vlm.model, cfg.lora, quantized=False)
     got = {n.removeprefix("base_model.model.") for n in adapted(lora)}
     assert tower and got == set(names) | set(tower)
+
+
+def test_projector_alias_names_the_architectures_own_projector(make_cfg):
+    from defend.models.archs import TINY_ARCHS
+
+    expected = {"llava": {"model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"},
+                "blip2": {"language_projection"},
+                "qwen2_vl": {"model.visual.merger.mlp.0", "model.visual.merger.mlp.2"},
+                "paligemma": {"model.multi_modal_projector.linear"}}
+    for arch in TINY_ARCHS:
+        cfg = make_cfg("mllm", f"tiny.arch={arch}", "lora.target_modules=[language_model,projector]")
+        model = load_model(cfg).model
+        names = set(language_model_linear_names(model))
+        got = {n.removeprefix("base_model.model.") for n in adapted(apply_lora(model, cfg.lora, quantized=False))}
+        projector = got - names
+        assert projector, arch
+        assert projector == expected.get(arch, projector), (arch, projector)
+        assert all(any(p in n.split(".") for p in ("multi_modal_projector", "language_projection", "merger"))
+                   for n in projector), (arch, projector)

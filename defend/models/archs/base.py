@@ -24,9 +24,11 @@ class Architecture:
 
     model_type: str = ""  # the config.json ``model_type`` this adapter serves
     tiny_arch: str | None = None  # its ``tiny.arch`` name, when it has a tiny builder
-    # submodule names of the image side: frozen by train.freeze_vision_tower (the first), kept in full
-    # precision under QLoRA (all), never LoRA targets unless named
+    # submodule names of the image side, kept in full precision under QLoRA, never LoRA targets unless
+    # named: the encoder (frozen by train.freeze_vision_tower; LoRA alias ``vision_tower``), other
+    # vision-side modules, and what maps vision features into the language model (alias ``projector``)
     vision_tower: str = "vision_tower"
+    vision_extra: tuple[str, ...] = ()
     projector: tuple[str, ...] = ("multi_modal_projector",)
     # batch keys that only feed the vision tower: left out of calls whose vision tokens are injected
     pixel_inputs: tuple[str, ...] = ("pixel_values",)
@@ -37,7 +39,7 @@ class Architecture:
         self.config = config  # the model's config (None: only the names and the tiny builder are used)
 
     def vision_modules(self) -> tuple[str, ...]:
-        return (self.vision_tower, *self.projector)
+        return (self.vision_tower, *self.vision_extra, *self.projector)
 
     def image_token_id(self, config: Any) -> int:
         token = getattr(config, "image_token_id", None)
@@ -63,6 +65,23 @@ class Architecture:
             raise ValueError(f"{self.model_type}: expected pixel_values as (N, C, H, W), got {tuple(pixels.shape)}")
         return perturb(pixels)
 
+    # the vision tower on its own (pretrain_vision): one pooled vector per image, and a flip
+    def pooled_size(self) -> int:
+        """Width of ``pooled_image_features``."""
+        return self.config.vision_config.hidden_size
+
+    def pooled_image_features(self, tower: torch.nn.Module, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, pooled_size): one vector per image of the image processor's output ``pixels``."""
+        from defend.models.vision import pooled_vit_features
+
+        return pooled_vit_features(tower, pixels["pixel_values"])
+
+    def hflip(self, pixels: dict[str, torch.Tensor], flip: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``pixels`` with the images where ``flip`` (N,) is true mirrored left to right."""
+        values = pixels["pixel_values"]
+        where = flip.reshape(-1, *[1] * (values.dim() - 1)).to(values.device)
+        return {**pixels, "pixel_values": torch.where(where, values.flip(-1), values)}
+
     def build_tiny(self, tiny: Any, family: str) -> tuple[torch.nn.Module, Any]:
         """A random-init model of this layout and its processor, from ``TinyConfig`` sizes."""
         raise NotImplementedError(f"{self.model_type} has no tiny builder")
@@ -77,5 +96,11 @@ class AnyResArchitecture(Architecture):
         if pixels.dim() != 5:
             raise ValueError(f"{self.model_type}: expected pixel_values as (N, crops, C, H, W), got"
                              f" {tuple(pixels.shape)}")
-        n, crops = pixels.shape[:2]
         return perturb(pixels.flatten(0, 1)).reshape(pixels.shape)  # padding crops are never read
+
+    def pooled_image_features(self, tower: torch.nn.Module, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        from defend.models.vision import pooled_vit_features
+
+        return pooled_vit_features(tower, pixels["pixel_values"][:, 0])  # the base view: the whole image
+
+    # hflip (inherited) mirrors every crop in place: exact for the base view, which is what is pooled

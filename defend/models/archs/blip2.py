@@ -18,7 +18,8 @@ class Blip2(Architecture):
     model_type = "blip-2"
     tiny_arch = "blip2"
     vision_tower = "vision_model"
-    projector = ("qformer", "language_projection")
+    vision_extra = ("qformer",)
+    projector = ("language_projection",)
 
     def language_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.language_model  # an OPTForCausalLM / T5: it gets inputs_embeds in forward and generate

@@ -46,7 +46,7 @@ class Qwen2VL(Architecture):
     model_type = "qwen2_vl"
     tiny_arch = "qwen2_vl"
     vision_tower = "visual"
-    projector = ()  # the patch merger lives inside `visual`
+    projector = ("merger",)  # the patch merger (inside `visual`) projects into the language model
     pixel_inputs = ("pixel_values",)  # image_grid_thw stays: M-RoPE positions are computed from it
 
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -54,20 +54,41 @@ class Qwen2VL(Architecture):
 
     def perturb_pixels(self, batch: dict[str, Any], perturb: ImagePerturbation) -> torch.Tensor:
         """Each image un-flattened to pixels, perturbed once (its temporal copies alike), flattened back."""
-        pixels, grids = batch["pixel_values"], batch["image_grid_thw"]
+        return self.per_image(batch["pixel_values"], batch["image_grid_thw"], [True] * len(batch["image_grid_thw"]),
+                              perturb)
+
+    def per_image(self, pixels: torch.Tensor, grids: torch.Tensor, which: list[bool],
+                  change: ImagePerturbation) -> torch.Tensor:
+        """The flattened patches of every image, those of the images in ``which`` replaced by
+        ``change`` of the image as (1, C, H, W) pixels."""
         vision = self.config.vision_config
         temporal, patch, merge = vision.temporal_patch_size, vision.patch_size, vision.spatial_merge_size
         channels = pixels.shape[1] // (temporal * patch * patch)
         out, start = [], 0
-        for t, gh, gw in grids.tolist():
+        for (t, gh, gw), chosen in zip(grids.tolist(), which):
             if t != 1:
-                raise ValueError("objective.name=pcr: a video (grid_t > 1) in a training batch; PCR perturbs images")
+                raise ValueError("a video (grid_t > 1) among the images; only still images are supported here")
             rows = pixels[start: start + gh * gw]
-            frames = unflatten_patches(rows, gh, gw, channels, temporal, patch, merge)
-            perturbed = perturb(frames[:1]).expand_as(frames)
-            out.append(flatten_patches(perturbed, patch, merge))
+            if chosen:
+                frames = unflatten_patches(rows, gh, gw, channels, temporal, patch, merge)
+                rows = flatten_patches(change(frames[:1]).expand_as(frames), patch, merge)
+            out.append(rows)
             start += gh * gw
         return torch.cat(out).to(pixels.dtype)
+
+    def pooled_size(self) -> int:
+        return self.config.vision_config.hidden_size  # Qwen2-VL: the merger's output width
+
+    def pooled_image_features(self, tower: torch.nn.Module, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        grids = pixels["image_grid_thw"]
+        merged = tower(pixels["pixel_values"], grid_thw=grids).pooler_output  # the merged tokens of all images
+        counts = (grids.prod(-1) // self.config.vision_config.spatial_merge_size**2).tolist()
+        return torch.stack([tokens.mean(0) for tokens in merged.split(counts)])
+
+    def hflip(self, pixels: dict[str, torch.Tensor], flip: torch.Tensor) -> dict[str, torch.Tensor]:
+        flipped = self.per_image(pixels["pixel_values"], pixels["image_grid_thw"], flip.tolist(),
+                                 lambda image: image.flip(-1))
+        return {**pixels, "pixel_values": flipped}
 
     def build_tiny(self, tiny: Any, family: str):
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -113,6 +134,9 @@ class Qwen2VL(Architecture):
 class Qwen2_5VL(Qwen2VL):
     model_type = "qwen2_5_vl"
     tiny_arch = "qwen2_5_vl"
+
+    def pooled_size(self) -> int:
+        return self.config.vision_config.out_hidden_size
 
     def build_tiny(self, tiny: Any, family: str):
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
