@@ -38,7 +38,8 @@ class ModelConfig:
 class TinyConfig:
     """Shape of a random-init model written by ``defend.models.tiny`` (tests and the demo)."""
 
-    arch: Literal["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "blip2", "paligemma"] = "llava"
+    arch: Literal["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "blip2", "paligemma", "gemma3",
+                  "idefics3"] = "llava"
     image_size: int = 64
     patch_size: int = 8
     vision_hidden: int = 128

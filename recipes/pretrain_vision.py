@@ -72,8 +72,7 @@ class PretrainVisionRecipe:
 
     def collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         images = [s.load_image() for s in samples]
-        processed = self.vlm.processor.image_processor(images=images, return_tensors="pt")
-        pixels = {k: v for k, v in processed.items() if torch.is_tensor(v)}  # + image_grid_thw, image_sizes, ...
+        pixels = self.vlm.arch.process_images(self.vlm.processor.image_processor, images)  # + image_grid_thw, ...
         return {"pixels": pixels, "targets": bag_of_words([s.response for s in samples], self.vocab)}
 
     def loss(self, batch: dict) -> torch.Tensor:

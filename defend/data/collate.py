@@ -31,9 +31,10 @@ def render_prompt(processor: Any, prompt: str, with_image: bool = True) -> str:
 
 
 def pad_crops(values: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Anyres pixel tensors (1, crops, C, H, W) of different crop counts, zero-padded to the most (the
-    model reads each image's real crops from ``image_sizes``, as the processors' own batching pads)."""
-    if values[0].dim() != 5 or len({v.shape[1] for v in values}) == 1:
+    """Anyres pixel tensors (1, crops, C, H, W) of different crop counts (and Idefics3's (1, crops, H, W)
+    pixel masks), zero-padded to the most, as the processors' own batching pads (the model reads each
+    image's real crops from ``image_sizes`` or the mask)."""
+    if values[0].dim() < 4 or len({v.shape[1] for v in values}) == 1:
         return values
     most = max(v.shape[1] for v in values)
     return [torch.cat([v, v.new_zeros(v.shape[0], most - v.shape[1], *v.shape[2:])], 1) for v in values]

@@ -59,6 +59,21 @@ def expand_target(model: torch.nn.Module, target: str) -> list[str]:
     return container_linears(model, target)
 
 
+def without_linear_layers(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """The architecture aliases among ``targets`` whose modules hold no linear layer for LoRA (Gemma 3's
+    projector is a bare weight matrix): peft trains those modules in full (``modules_to_save``)."""
+    from defend.models.archs import architecture
+
+    linear, full = linear_types(), []
+    for target in (t for t in targets if t in ARCHITECTURE_ALIASES):
+        arch = architecture(model.config)
+        for name in arch.projector if target == "projector" else (arch.vision_tower,):
+            found = [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
+            if found and not any(isinstance(x, linear) for m in found for x in m.modules()):
+                full.append(name)
+    return full
+
+
 def container_linears(model: torch.nn.Module, target: str) -> list[str]:
     """The linear layers inside the modules named (or ending in) ``target``; else ``target`` itself."""
     linear = linear_types()
@@ -72,14 +87,16 @@ def container_linears(model: torch.nn.Module, target: str) -> list[str]:
 
 def apply_lora(model: torch.nn.Module, lora: LoraConfig, quantized: bool) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters (after k-bit preparation when ``quantized``)."""
-    targets = lora.target_modules
+    targets, full = lora.target_modules, []
     if isinstance(targets, str):
         targets = language_model_linear_names(model) if targets == LANGUAGE_MODEL else targets
     else:  # names of containers (language_model, vision_tower, ...) stand for their linear layers
-        targets = [name for t in targets for name in expand_target(model, t)]
+        full = without_linear_layers(model, targets)
+        targets = [name for t in targets for name in expand_target(model, t) if name not in full]
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                            modules_to_save=full or None)
     try:
         return get_peft_model(model, config)
     except ValueError as err:

@@ -13,7 +13,7 @@ from defend.config import load_config
 from defend.data import load_samples
 from defend.models.archs import TINY_ARCHS
 from tests.conftest import TINY_TEST_OVERRIDES
-from tests.distributed.runs import SMALL_RUN, defend, finetune, losses
+from tests.distributed.runs import defend, finetune
 
 
 def write_rows(path: Path, n: int) -> list[str]:

@@ -17,18 +17,13 @@ from defend.data import load_samples
 from defend.models import load_model
 from defend.models.diffusion_loss import masked_diffusion_loss
 from defend.models.lora import apply_lora, language_model_prefix
-from defend.models.archs import ARCHITECTURES
+from defend.models.archs import ARCHITECTURES, TINY_ARCHS
 from defend.models.tiny import tiny_model_path
 
 SMALL = {"text_hidden": 32, "vision_hidden": 32, "text_layers": 1, "vision_layers": 1, "heads": 4}
 VISION_SIDE = sorted({n for cls in ARCHITECTURES.values() for n in cls().vision_modules()})
-CASES = [
-    pytest.param("llava", "mllm", id="llava"),
-    pytest.param("blip2", "mllm", id="blip2"),
-    pytest.param("qwen2_vl", "mllm", id="qwen2_vl"),
-    pytest.param("paligemma", "mllm", id="paligemma"),
-    pytest.param("llava", "mdlm", id="llava-mdlm"),
-]
+CASES = [pytest.param(arch, "mllm", id=arch) for arch in TINY_ARCHS] + [
+    pytest.param(arch, "mdlm", id=f"{arch}-mdlm") for arch, cls in TINY_ARCHS.items() if cls.diffusion]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,7 +68,7 @@ def test_family_trains_and_generates(arch: str, family: str, tiny_cache: Path) -
     assert len(answers) == len(samples) and all(isinstance(a, str) for a in answers)
 
 
-@pytest.mark.parametrize("arch", ["blip2", "qwen2_vl", "paligemma"])
+@pytest.mark.parametrize("arch", [arch for arch, cls in TINY_ARCHS.items() if not cls.diffusion])
 def test_masked_diffusion_needs_llava_layout(arch: str) -> None:
     with pytest.raises(ConfigError, match="llava"):
         tiny_model_path(TinyConfig(arch=arch, **SMALL), "mdlm")

@@ -11,6 +11,8 @@ from typing import Any
 from defend.config import ConfigError
 from defend.models.archs.base import AnyResArchitecture, Architecture
 from defend.models.archs.blip2 import Blip2
+from defend.models.archs.gemma3 import Gemma3
+from defend.models.archs.idefics3 import Idefics3
 from defend.models.archs.llava import Llava
 from defend.models.archs.llava_next import LlavaNext
 from defend.models.archs.llava_onevision import LlavaOneVision
@@ -25,6 +27,8 @@ ARCHITECTURES: dict[str, type[Architecture]] = {
     "qwen2_5_vl": Qwen2_5VL,
     "blip-2": Blip2,
     "paligemma": PaliGemma,
+    "gemma3": Gemma3,
+    "idefics3": Idefics3,
 }
 TINY_ARCHS = {cls.tiny_arch: cls for cls in ARCHITECTURES.values() if cls.tiny_arch}
 

@@ -65,7 +65,12 @@ class Architecture:
             raise ValueError(f"{self.model_type}: expected pixel_values as (N, C, H, W), got {tuple(pixels.shape)}")
         return perturb(pixels)
 
-    # the vision tower on its own (pretrain_vision): one pooled vector per image, and a flip
+    # the vision tower on its own (pretrain_vision): a batch of images, one pooled vector each, a flip
+    def process_images(self, image_processor: Any, images: list) -> dict[str, torch.Tensor]:
+        """The image processor's tensors for a batch of images, one image per sample."""
+        out = image_processor(images=images, return_tensors="pt")
+        return {k: v for k, v in out.items() if torch.is_tensor(v)}
+
     def pooled_size(self) -> int:
         """Width of ``pooled_image_features``."""
         return self.config.vision_config.hidden_size
@@ -98,9 +103,13 @@ class AnyResArchitecture(Architecture):
                              f" {tuple(pixels.shape)}")
         return perturb(pixels.flatten(0, 1)).reshape(pixels.shape)  # padding crops are never read
 
+    def whole_image(self, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, C, H, W): the view of each image that shows all of it (LLaVA-NeXT/OneVision: the first)."""
+        return pixels["pixel_values"][:, 0]
+
     def pooled_image_features(self, tower: torch.nn.Module, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
         from defend.models.vision import pooled_vit_features
 
-        return pooled_vit_features(tower, pixels["pixel_values"][:, 0])  # the base view: the whole image
+        return pooled_vit_features(tower, self.whole_image(pixels))
 
-    # hflip (inherited) mirrors every crop in place: exact for the base view, which is what is pooled
+    # hflip (inherited) mirrors every crop in place: exact for the whole-image view, which is what is pooled
