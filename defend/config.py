@@ -170,7 +170,11 @@ class PurifyConfig:
 
     mask_ratio: float = 0.0  # fraction of each image's vision tokens masked at generation; 0: off
     selection: Literal["saliency", "attention", "random"] = "saliency"
-    saliency_samples: int = 1  # K sampled labels of the Fisher-Jacobian estimate
+    # how saliency scores a vision token (defend/purify/saliency.py): directional (DiSP's code: the change
+    # toward its replacement) or trace (every direction alike)
+    saliency: Literal["directional", "trace"] = "directional"
+    saliency_top_k: int = 5  # directional: the most likely words of each position it looks at (DiSP's code: 5)
+    saliency_samples: int = 1  # K probes (directional) or sampled labels (trace); DiSP's code: 6
     # what a masked vision token becomes: mask (the mask token's embedding, masked diffusion only; the
     # DiSP paper's), pad, zero, mean (of the image's vision tokens); auto = mean (docs/disp.md)
     replacement: Literal["auto", "mask", "pad", "zero", "mean"] = "auto"

@@ -7,7 +7,7 @@ How far attack success falls and what clean accuracy costs, per ratio and select
 
 Each point is an ``evaluate`` run (``sweep.evaluate_config`` + ``sweep.evaluate_overrides``) with
 ``purify.mask_ratio`` and ``purify.selection`` set; the unmasked model (ratio 0) is run once and
-starts every line. The other ``purify`` keys (replacement, saliency_samples, seed) apply to all.
+starts every line. The other ``purify`` keys (replacement, saliency, saliency_top_k, saliency_samples, seed) apply to all.
 Writes ``sweep.json`` (a row per point), ``sweep.md`` and ``sweep.png`` (ASR and clean accuracy
 against the mask ratio, a line per selection) into ``output_dir``; a rerun reuses finished points.
 """
@@ -41,6 +41,7 @@ def point(cfg: Config, folder: Path, selection: str, ratio: float, log) -> dict:
     overrides = [f"seed={cfg.seed}", f"model.family={cfg.model.family}", f"model.path={cfg.model.path}",
                  f"model.adapter={cfg.model.adapter or 'null'}", f"eval.poison_dir={cfg.eval.poison_dir}",
                  f"purify.mask_ratio={ratio}", f"purify.selection={selection}", f"purify.replacement={p.replacement}",
+                 f"purify.saliency={p.saliency}", f"purify.saliency_top_k={p.saliency_top_k}",
                  f"purify.saliency_samples={p.saliency_samples}", f"purify.seed={p.seed}", *cfg.sweep.evaluate_overrides]
     if cfg.model.path == TINY_PATH:  # a random-init tiny model (tests): of the architecture asked for
         overrides.append(f"tiny.arch={cfg.tiny.arch}")

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from defend.config import ConfigError
-from defend.models.vision_tokens import VisionTokens
+from defend.purify.replacement import replacement_rows
 from defend.purify.saliency import vision_token_scores
 
 
@@ -22,33 +22,18 @@ def top_fraction(scores: torch.Tensor, counts: list[int], ratio: float) -> torch
     return chosen
 
 
-def replacement_rows(vlm, tokens: VisionTokens, replacement: str) -> torch.Tensor:
-    """What a masked vision token becomes, one row per token: ``mask`` (the mask token's input
-    embedding; masked-diffusion models), ``pad`` (the pad token's), ``zero``, or ``mean`` (the mean of
-    that image's vision tokens)."""
-    features = tokens.features
-    if replacement == "zero":
-        return torch.zeros_like(features)
-    if replacement == "mean":
-        means = torch.stack([image.mean(0) for image in tokens.split(features)])
-        return means.repeat_interleave(torch.tensor(tokens.counts, device=features.device), dim=0)
-    token_id = vlm.mask_token_id if replacement == "mask" else vlm.tokenizer.pad_token_id
-    if token_id is None:
-        raise ValueError(f"purify.replacement={replacement}: the tokenizer has no {replacement} token")
-    return vlm.token_embedding(token_id).to(features.dtype).expand_as(features)
-
-
 def masked_features(vlm, batch: dict[str, Any], ratio: float, selection: str, replacement: str, samples: int,
-                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                    generator: torch.Generator, saliency: str = "directional",
+                    top_k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's vision tokens (N, hidden) with the top ``ratio`` of each image replaced; and the (N,)
-    mask of which were."""
+    mask of which were (``saliency``, ``top_k``: how ``selection=saliency`` scores, ``purify.*``)."""
     with torch.no_grad():
         tokens = vlm.vision_tokens(batch)  # once: scored, then edited
-    scores = vision_token_scores(vlm, batch, selection, samples, generator, tokens)
-    chosen = top_fraction(scores, tokens.counts, ratio)
-    with torch.no_grad():
         fill = replacement_rows(vlm, tokens, replacement)
-        return torch.where(chosen.unsqueeze(1), fill, tokens.features), chosen
+    scores = vision_token_scores(vlm, batch, selection, samples, generator, tokens, saliency=saliency, fill=fill,
+                                 top_k=top_k)
+    chosen = top_fraction(scores, tokens.counts, ratio)
+    return torch.where(chosen.unsqueeze(1), fill, tokens.features), chosen
 
 
 class MaskedGenerator:
@@ -60,6 +45,9 @@ class MaskedGenerator:
         self.replacement = "mean" if purify.replacement == "auto" else purify.replacement
         if not 0 <= purify.mask_ratio < 1:
             raise ConfigError(f"purify.mask_ratio must be in [0, 1), got {purify.mask_ratio}.")
+        if purify.saliency_samples < 1 or purify.saliency_top_k < 1:
+            raise ConfigError(f"purify.saliency_samples and purify.saliency_top_k must be >= 1, got"
+                              f" {purify.saliency_samples} and {purify.saliency_top_k}.")
         if self.replacement == "mask" and vlm.family != "mdlm":
             raise ConfigError("purify.replacement=mask needs a masked-diffusion model (model.family=mdlm);"
                               " use pad, zero or mean.")
@@ -70,13 +58,13 @@ class MaskedGenerator:
     def __call__(self, batch: dict[str, Any]) -> list[str]:
         c = self.cfg
         return masked_generate(self.vlm, batch, c.mask_ratio, c.selection, self.replacement, c.saliency_samples,
-                               self.generator)
+                               self.generator, saliency=c.saliency, top_k=c.saliency_top_k)
 
 
 def masked_generate(vlm, batch: dict[str, Any], ratio: float, selection: str, replacement: str, samples: int,
-                    generator: torch.Generator) -> list[str]:
+                    generator: torch.Generator, saliency: str = "directional", top_k: int = 5) -> list[str]:
     """Greedy answers with the top ``ratio`` vision tokens of each image masked (``ratio`` 0: plain)."""
     if ratio <= 0 or not vlm.image_positions(batch["input_ids"]).any():
         return vlm.generate(batch)
-    features, _ = masked_features(vlm, batch, ratio, selection, replacement, samples, generator)
+    features, _ = masked_features(vlm, batch, ratio, selection, replacement, samples, generator, saliency, top_k)
     return vlm.generate(batch, features=features)

@@ -1,13 +1,20 @@
 """Which vision tokens a prediction leans on: per-token scores for DiSP's masking.
 
-``saliency``: the curvature of the first generation step's output distribution with respect to each
-vision token's embedding, ``s_i = E_y ||d log p(y | x) / d e_i||^2`` with ``y`` sampled from the
-model's own first-step distribution. By the Fisher identity this is ``trace(J_i^T F J_i)``, the
-Fisher-Jacobian form of DiSP (arXiv 2602.22246), estimated with ``K`` sampled labels: the batch is
-repeated K times, each copy draws its own labels, and one backward pass gives every copy's
-gradients (rows do not interact), so the cost is one forward and one backward of K x the batch.
-``attention``: the attention the last prompt position pays to each vision token (mean over
-layers and heads). ``random``: a baseline.
+``saliency`` measures how much the first generation step's output distribution (the first block of a
+masked-diffusion answer, fully masked) moves when a vision token moves, through the Fisher metric
+``F = diag(p) - p p^T`` of that distribution, in one of two ways (``purify.saliency``):
+
+- ``directional`` (DiSP's own code, ``generate_prompt_mask_kl_approx``): the second-order change of the
+  output KL when token i moves to what masking puts there, ``s_i = 0.5 d_i^T J_i^T F J_i d_i`` with
+  ``d_i = replacement_i - e_i``, over the ``top_k`` most likely words of each position, estimated with
+  Hutchinson probes ``q ~ N(0, F)``: ``s_i = 0.5 E_q[(g_i . d_i)^2]``, ``g_i = d<q, logits>/d e_i``;
+- ``trace``: every direction alike, ``trace(J_i^T F J_i) = E_y ||d log p(y)/d e_i||^2`` with ``y``
+  drawn from the model's own distribution (the Fisher identity).
+
+Both use ``K`` probes (``purify.saliency_samples``): the batch is repeated K times, each copy draws its
+own, and one backward pass gives every copy's gradients (rows do not interact), so the cost is one
+forward and one backward of K x the batch. ``attention``: the attention the last prompt position pays
+to each vision token (mean over layers and heads). ``random``: a baseline.
 """
 from __future__ import annotations
 
@@ -22,9 +29,10 @@ def repeat_rows(batch: dict[str, Any], k: int) -> dict[str, Any]:
     return {key: v.repeat(k, *[1] * (v.dim() - 1)) if torch.is_tensor(v) else v for key, v in batch.items()}
 
 
-def fisher_saliency(vlm, batch: dict[str, Any], tokens: VisionTokens, samples: int,
-                    generator: torch.Generator) -> torch.Tensor:
-    """(N,): ``mean_k ||grad_{e_i} log p(y_k)||^2`` at the first generation step, per vision token."""
+def vision_token_gradients(vlm, batch: dict[str, Any], tokens: VisionTokens, samples: int,
+                           objective) -> torch.Tensor:
+    """(K * N, hidden): the gradient of ``objective(logits)`` (a scalar of the first step's (K*B, P, V)
+    logits, float32) with respect to every vision token of each of the batch's ``samples`` copies."""
     repeated = repeat_rows(batch, samples)
     leaf = tokens.features.detach().repeat(samples, 1).requires_grad_(True)
     trainable = [p for p in vlm.model.parameters() if p.requires_grad]
@@ -32,16 +40,43 @@ def fisher_saliency(vlm, batch: dict[str, Any], tokens: VisionTokens, samples: i
         for p in trainable:
             p.requires_grad_(False)
         with torch.enable_grad():
-            logits = vlm.first_step_logits(repeated, leaf).float()  # (K*B, P, V)
-            logp = torch.log_softmax(logits, dim=-1)
-            probs = logp.detach().exp().flatten(0, 1)
-            drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
-            chosen = logp.flatten(0, 1).gather(1, drawn).sum()
-            (grad,) = torch.autograd.grad(chosen, leaf)
+            (grad,) = torch.autograd.grad(objective(vlm.first_step_logits(repeated, leaf).float()), leaf)
     finally:
         for p in trainable:
             p.requires_grad_(True)
+    return grad
+
+
+def fisher_saliency(vlm, batch: dict[str, Any], tokens: VisionTokens, samples: int,
+                    generator: torch.Generator) -> torch.Tensor:
+    """(N,): ``trace``: ``mean_k ||grad_{e_i} log p(y_k)||^2`` at the first generation step, per vision token."""
+
+    def sampled_log_likelihood(logits: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits, dim=-1)
+        probs = logp.detach().exp().flatten(0, 1)
+        drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+        return logp.flatten(0, 1).gather(1, drawn).sum()
+
+    grad = vision_token_gradients(vlm, batch, tokens, samples, sampled_log_likelihood)
     return grad.float().pow(2).sum(-1).reshape(samples, -1).mean(0)
+
+
+def directional_saliency(vlm, batch: dict[str, Any], tokens: VisionTokens, fill: torch.Tensor, samples: int,
+                         generator: torch.Generator, top_k: int = 5) -> torch.Tensor:
+    """(N,) float64: ``directional``: ``0.5 E_q[(g_i . (fill_i - e_i))^2]``, ``q ~ N(0, F)`` on each
+    position's ``top_k`` logits (DiSP's code: top 5, float64 scores)."""
+
+    def probe(logits: torch.Tensor) -> torch.Tensor:
+        top = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values  # (K*B, P, k), differentiable
+        p = torch.softmax(top.detach(), dim=-1)
+        z = torch.randn(p.shape, generator=generator, device=generator.device).to(p.device)
+        root = p.sqrt()  # q = (diag(sqrt p) - p sqrt(p)^T) z has covariance diag(p) - p p^T
+        q = root * z - p * (root * z).sum(-1, keepdim=True)
+        return (q * top).sum()
+
+    grad = vision_token_gradients(vlm, batch, tokens, samples, probe)
+    direction = (fill - tokens.features).detach().double().repeat(samples, 1)
+    return 0.5 * (grad.double() * direction).sum(-1).pow(2).reshape(samples, -1).mean(0)
 
 
 def attention_saliency(vlm, batch: dict[str, Any], tokens: VisionTokens) -> torch.Tensor:
@@ -71,14 +106,24 @@ def random_saliency(tokens: VisionTokens, generator: torch.Generator) -> torch.T
 
 
 def vision_token_scores(vlm, batch: dict[str, Any], selection: str, samples: int, generator: torch.Generator,
-                        tokens: VisionTokens | None = None) -> torch.Tensor:
+                        tokens: VisionTokens | None = None, saliency: str = "directional",
+                        fill: torch.Tensor | None = None, top_k: int = 5) -> torch.Tensor:
     """(N,): a score for every vision token of the batch (``tokens``: its ``vision_tokens`` if already
-    computed)."""
+    computed; ``fill``: what masking would put in each token's place, for ``directional``; the
+    image's mean token if not given)."""
     if tokens is None:
         with torch.no_grad():
             tokens = vlm.vision_tokens(batch)
-    if selection == "saliency":
+    if selection == "saliency" and saliency == "directional":
+        if fill is None:
+            from defend.purify.replacement import replacement_rows
+
+            fill = replacement_rows(vlm, tokens, "mean")
+        return directional_saliency(vlm, batch, tokens, fill, samples, generator, top_k)
+    if selection == "saliency" and saliency == "trace":
         return fisher_saliency(vlm, batch, tokens, samples, generator)
+    if selection == "saliency":
+        raise ValueError(f"unknown purify.saliency '{saliency}' (directional or trace)")
     if selection == "attention":
         return attention_saliency(vlm, batch, tokens)
     if selection == "random":

@@ -93,7 +93,7 @@ def first_layer_input(vlm, batch, features, where: tuple[int, int]) -> torch.Ten
 
 
 @pytest.mark.parametrize("arch,family", CASES)
-def test_saliency_ranks_a_planted_vision_token_first(arch, family):
+def test_saliency_ranks_a_planted_vision_token_first(arch, family):  # directional and trace
     """The planted token reaches the first decoder layer as a near-zero vector (its position
     embedding, Gemma's scaling and the like undone), so the pre-norm's Jacobian, ~1/norm, makes the
     output most sensitive to it. Any misalignment of tokens and scores would rank another first."""
@@ -110,10 +110,12 @@ def test_saliency_ranks_a_planted_vision_token_first(arch, family):
     direction = torch.randn(features.shape[1], generator=torch.Generator().manual_seed(0))
     features[i] = (1e-3 * direction - offset) / scale
     assert first_layer_input(vlm, batch, features, where).norm() < 1e-2
-    scores = fisher_saliency(vlm, batch, tokens.with_features(features), 1, torch.Generator().manual_seed(0))
-    first_image = scores[: tokens.counts[0]]
-    assert int(first_image.argmax()) == i
-    assert first_image.topk(2).values[0] > 10 * first_image.topk(2).values[1]
+    planted = tokens.with_features(features)
+    for scores in (fisher_saliency(vlm, batch, planted, 1, torch.Generator().manual_seed(0)),  # trace
+                   vision_token_scores(vlm, batch, "saliency", 8, torch.Generator().manual_seed(0), planted)):
+        first_image = scores[: tokens.counts[0]]
+        assert int(first_image.argmax()) == i
+        assert first_image.topk(2).values[0] > 10 * first_image.topk(2).values[1]
 
 
 @pytest.mark.parametrize("selection", ["saliency", "attention", "random"])

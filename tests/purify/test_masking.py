@@ -83,3 +83,49 @@ def test_attention_selection_scores_each_vision_token_and_restores_the_attention
     assert vlm.model.config._attn_implementation == kernel
     # attention over the whole prompt sums to 1 per row, so the image's share is at most 1
     assert (scores.sum(1) <= 1 + 1e-5).all()
+
+
+def test_directional_saliency_estimates_the_second_order_kl_toward_the_replacement(family_batch):
+    """With many probes the estimate meets the exact quadratic form 0.5 (J d)^T F (J d) on each position's
+    top-5 logits, J d from central differences of the logits along d = replacement - token (float64)."""
+    from defend.purify.replacement import replacement_rows
+    from defend.purify.saliency import directional_saliency
+
+    vlm, batch = family_batch
+    vlm.model.double()
+    try:
+        row = {k: v[:1] if torch.is_tensor(v) else v for k, v in batch.items()}
+        tokens = vlm.vision_tokens(row)
+        tokens = tokens.with_features(tokens.features.double())
+        fill = replacement_rows(vlm, tokens, "mean")
+        estimate = directional_saliency(vlm, row, tokens, fill, 4000, torch.Generator().manual_seed(0), top_k=5)
+        with torch.no_grad():
+            base = vlm.first_step_logits(row, tokens.features)[0]  # (P, V)
+            top = base.topk(5, dim=-1).indices
+            p = torch.softmax(base.gather(-1, top), -1)
+            exact = []
+            for i in range(4):
+                step = torch.zeros_like(tokens.features)
+                step[i] = 1e-4 * (fill[i] - tokens.features[i])
+                ahead = vlm.first_step_logits(row, tokens.features + step)[0].gather(-1, top)
+                behind = vlm.first_step_logits(row, tokens.features - step)[0].gather(-1, top)
+                v = (ahead - behind) / 2e-4  # J d on the top-5 logits of each position
+                exact.append(0.5 * ((p * v * v).sum(-1) - (p * v).sum(-1) ** 2).sum())
+    finally:
+        vlm.model.float()
+    exact = torch.stack(exact)
+    assert estimate.dtype == torch.float64 and (exact > 0).all()
+    assert torch.allclose(estimate[:4], exact, rtol=0.15), (estimate[:4], exact)
+
+
+def test_directional_and_trace_rank_differently_and_the_config_chooses(family_batch):
+    from defend.purify.saliency import vision_token_scores
+
+    vlm, batch = family_batch
+    tokens = vlm.vision_tokens(batch)
+    directional = vision_token_scores(vlm, batch, "saliency", 2, torch.Generator().manual_seed(0), tokens)
+    trace = vision_token_scores(vlm, batch, "saliency", 2, torch.Generator().manual_seed(0), tokens, saliency="trace")
+    assert directional.shape == trace.shape == (tokens.features.shape[0],)
+    assert not torch.equal(directional.argsort(), trace.argsort())
+    with pytest.raises(ValueError, match="directional or trace"):
+        vision_token_scores(vlm, batch, "saliency", 1, torch.Generator(), tokens, saliency="hessian")
