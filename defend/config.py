@@ -119,6 +119,10 @@ class DiffusionConfig:
     block_length: int = 8
     temperature: float = 0.0
     remasking: Literal["low_confidence", "random"] = "low_confidence"
+    # sampler KV cache (Fast-dLLM, block-wise approximate): none | prefix | dual (bench/RESULTS.md)
+    cache: Literal["none", "prefix", "dual"] = "none"
+    # token ids never written at a masked position (LLaDA-V's sampler blocks eos/bos and its chat headers)
+    blocked_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -96,14 +96,9 @@ class MaskedDiffusionVLM(VisionLanguageModel):
                  generator: torch.Generator | None = None) -> list[str]:
         d = self.cfg.diffusion
         features = self.image_features(batch) if features is None else features
-
-        def logits_fn(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            inputs, injecting = self.answer_inputs(batch, tokens, attention_mask, features)
-            with injecting:
-                return self.token_logits(self.model, inputs, d.gen_length)  # the answer's positions only
-
+        scorer = CachedScorer(self, batch, features, d.cache)
         tokens = diffusion_generate(
-            logits_fn,
+            scorer,
             batch["input_ids"],
             batch["attention_mask"],
             self.mask_token_id,
@@ -113,5 +108,64 @@ class MaskedDiffusionVLM(VisionLanguageModel):
             temperature=d.temperature,
             remasking=d.remasking,
             generator=generator,
+            blocked_token_ids=d.blocked_token_ids,
         )
         return self.decode(tokens)
+
+
+class CachedScorer:
+    """The sampler's model calls, with Fast-dLLM's block-wise approximate KV cache (arXiv 2505.22618).
+
+    ``none``: every step a full forward. ``prefix``: at a block's first step a full forward, whose keys
+    and values of the tokens before the block are kept; the block's other steps run only the block and
+    everything after it, attending to that cache. ``dual``: the keys and values after the block are
+    kept too, so those steps run the block alone. The attention is bidirectional, so the cached
+    tokens' order does not matter, only their (rotary-encoded) positions; the approximation is that
+    cached tokens do not see the block's newly committed tokens until the next block."""
+
+    def __init__(self, vlm: MaskedDiffusionVLM, batch: dict[str, Any], features: torch.Tensor, cache: str):
+        self.vlm, self.batch, self.features, self.mode = vlm, batch, features, cache
+        self.prompt = batch["input_ids"].shape[1]
+        self.shift = int(vlm.cfg.diffusion.shifted_logits)
+        self.cache = None
+
+    def window(self, lo: int, hi: int) -> tuple[int, int]:
+        """The token positions whose logits score answer positions lo:hi (shifted: one earlier)."""
+        return self.prompt + lo - self.shift, self.prompt + hi - self.shift
+
+    def refresh(self, tokens: torch.Tensor, attention_mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        inputs, injecting = self.vlm.answer_inputs(self.batch, tokens, attention_mask, self.features)
+        start, end = self.window(lo, hi)
+        if self.mode == "none":
+            with injecting:
+                return self.vlm.token_logits(self.vlm.model, inputs, tokens.shape[1] - self.prompt)[:, lo:hi]
+        self.cache = DynamicCache()
+        keep = tokens.shape[1] - start  # the LM head runs from the block on
+        head = {"logits_to_keep": keep} if self.vlm.takes_logits_to_keep else {}
+        with injecting:
+            logits = self.vlm.model(**inputs, cache=self.cache, use_cache=True, **head).logits[:, -keep:][:, : end - start]
+        if self.mode == "prefix":
+            self.cache.crop(start - tokens.shape[1])  # keep the tokens before the block
+        else:  # dual: everything but the block
+            for layer in self.cache.layers:
+                layer.keys = torch.cat([layer.keys[:, :, :start], layer.keys[:, :, end:]], 2)
+                layer.values = torch.cat([layer.values[:, :, :start], layer.values[:, :, end:]], 2)
+        return logits
+
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        if self.mode == "none":
+            return self.refresh(tokens, attention_mask, lo, hi)
+        start, end = self.window(lo, hi)
+        positions = position_ids_for(attention_mask)
+        if self.mode == "prefix":
+            new, order = slice(start, None), attention_mask
+        else:  # the cache holds prefix then suffix: the mask follows that order, the block comes last
+            new = slice(start, end)
+            order = torch.cat([attention_mask[:, :start], attention_mask[:, end:], attention_mask[:, start:end]], 1)
+        inputs = {**self.vlm.inputs_without_pixels(self.batch), "input_ids": tokens[:, new], "attention_mask": order,
+                  "position_ids": positions[:, new]}
+        logits = self.vlm.model(**inputs, cache=self.cache, use_cache=True).logits[:, : hi - lo]
+        self.cache.crop(-tokens[:, new].shape[1])  # drop what this step appended
+        return logits

@@ -138,3 +138,56 @@ def test_one_step_answer_is_the_argmax_at_the_family_s_scoring_position(mdlm, sh
     assert answers == expected
     other = vlm.decode(logits[:, -1 if shifted else -2].argmax(-1, keepdim=True))
     assert answers != other  # the two positions disagree on this model, so the check can fail
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_a_cached_step_equals_the_full_forward_while_nothing_changed(mdlm, cache):
+    """The cache's mechanics: right after a block's refresh, a cached step (prefix: the block and the
+    rest; dual: the block alone, the cache holding prefix and suffix) gives the full forward's logits."""
+    from defend.models.diffusion import CachedScorer
+
+    vlm, samples = mdlm
+    batch = vlm.generate_collator()(samples[:3])  # left-padded rows of different lengths
+    features = vlm.image_features(batch)
+    gen = 8
+    tokens = torch.cat([batch["input_ids"], torch.full((3, gen), vlm.mask_token_id)], 1)
+    tokens[:, -gen:-gen + 2] = 7  # the first block half committed
+    mask = torch.cat([batch["attention_mask"], torch.ones(3, gen, dtype=torch.long)], 1)
+    full = CachedScorer(vlm, batch, features, "none")
+    cached = CachedScorer(vlm, batch, features, cache)
+    with torch.no_grad():
+        for lo, hi in [(0, 4), (4, 8)]:
+            expected = full.refresh(tokens, mask, lo, hi)
+            assert torch.allclose(cached.refresh(tokens, mask, lo, hi), expected, atol=1e-5)
+            assert torch.allclose(cached.step(tokens, mask, lo, hi), expected, atol=1e-5)
+            assert torch.allclose(cached.step(tokens, mask, lo, hi), expected, atol=1e-5)  # the cache was restored
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_one_step_per_block_is_exact_with_any_cache(mdlm, cache):
+    vlm, samples = mdlm
+    d = vlm.cfg.diffusion
+    saved = (d.gen_length, d.steps, d.block_length, d.cache)
+    d.gen_length, d.steps, d.block_length = 8, 2, 4
+    try:
+        batch = vlm.generate_collator()(samples)
+        d.cache = "none"
+        plain = vlm.generate(batch)
+        d.cache = cache
+        assert vlm.generate(batch) == plain
+    finally:
+        d.gen_length, d.steps, d.block_length, d.cache = saved
+
+
+def test_blocked_tokens_are_never_written():
+    from defend.models.diffusion_sampler import diffusion_generate
+
+    def logits_fn(tokens, mask):  # token 5 always the most likely, 6 second
+        logits = torch.zeros(tokens.shape[0], 4, 10)
+        logits[..., 5], logits[..., 6] = 3.0, 2.0
+        return logits
+
+    prompt = torch.ones(2, 3, dtype=torch.long)
+    free = diffusion_generate(logits_fn, prompt, torch.ones_like(prompt), 9, 4, 4, 4)
+    blocked = diffusion_generate(logits_fn, prompt, torch.ones_like(prompt), 9, 4, 4, 4, blocked_token_ids=[5])
+    assert (free == 5).all() and (blocked == 6).all()
