@@ -1,13 +1,35 @@
-"""Writes that never leave a half-written artifact: write to a temp path, then rename."""
+"""Writes that never leave a half-written artifact: write to a temp path, make it durable, then rename.
+
+Every file is fsynced before its rename and its folder after it, so a finished write survives a
+crash or power loss; a folder replaces an existing one in one atomic exchange (Linux
+``renameat2(RENAME_EXCHANGE)``), so readers see the old folder or the new one, never neither. Outputs
+get the permissions of an ordinary file or folder under the process umask (temp files are created
+private, 0600/0700, and opened up before the rename), so a group can share a project directory.
+"""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -17,7 +39,11 @@ def write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+            handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~current_umask())
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -27,17 +53,49 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def fsync_tree(root: Path) -> None:
+    """Every file under ``root`` and every folder, bottom up."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    done = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return done == 0
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside ``path``; on success it replaces ``path`` whole."""
+    """Yield a temp folder beside ``path``; on success it replaces ``path`` whole, durably."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        fsync_tree(tmp)
+        if path.exists() and exchange(tmp, path):
+            pass  # tmp now holds the old folder, removed below
+        else:
+            if path.exists():  # no atomic exchange here: the old folder goes first
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
