@@ -188,6 +188,7 @@ class PurifyConfig:
     gpus_per_actor: float = 0.0  # 1 on a GPU cluster
     block_size: int = 256  # input rows per output shard (the unit of resumption)
     batch_size: int = 32  # rows per generation batch inside a block
+    retries: int = 3  # a block whose actor fails (or dies) is retried this often, then the run stops naming it
 
 
 @dataclass

@@ -3,9 +3,11 @@ and decode the block's rows, saliency + masked generation, write the block's sha
 to the driver. The driver only holds block offsets and counts; rows and images stay inside the
 actor that needs them.
 
-An actor that dies is restarted and its block re-run by Ray Data; a block's shard is written
-atomically, so a re-run replaces nothing but a missing shard. A killed driver is restarted by
-running the same command: finished shards are skipped.
+An actor that dies is restarted and its block re-run by Ray Data, at most ``purify.retries`` times (a
+row that kills its actor every time must not loop forever); a block that raises is reported with
+its index and input lines. A block's shard is written atomically, so a re-run replaces nothing but
+a missing shard. A killed driver is restarted by running the same command: finished shards are
+skipped.
 """
 from __future__ import annotations
 
@@ -16,7 +18,14 @@ from pathlib import Path
 
 from defend.config import Config
 from defend.purify.blocks import Block
-from launchers.ray_train import ensure_local_ray_config, worker_env
+from launchers.ray_train import ensure_local_ray_config, ray_address, worker_env
+
+
+BLOCK_FIELDS = ("index", "start", "end", "first_line", "rows", "sha256")
+
+
+class BlockFailed(RuntimeError):
+    """A block could not be purified; the message names it."""
 
 
 class PurifyActor:
@@ -38,12 +47,26 @@ class PurifyActor:
     def __call__(self, batch: dict) -> dict:
         from defend.purify.blocks import purify_block
 
-        counts = [purify_block(self.cfg, self.source, Block(int(i), int(s), int(e), int(f)), self.vlm, self.generate,
-                               self.out)
-                  for i, s, e, f in zip(batch["index"], batch["start"], batch["end"], batch["first_line"])]
+        counts = []
+        for spec in zip(*(batch[k] for k in BLOCK_FIELDS)):
+            block = Block(*(int(v) if k != "sha256" else str(v) for k, v in zip(BLOCK_FIELDS, spec)))
+            try:
+                counts.append(purify_block(self.cfg, self.source, block, self.vlm, self.generate, self.out))
+            except Exception as err:
+                raise BlockFailed(f"purify block {block.index} (input lines {block.first_line}-, {block.rows} rows"
+                                  f" of {self.source}): {type(err).__name__}: {err}") from err
         memory = {"actor": os.getpid(), "peak_rss_mb": peak_rss_mb()}
         return {k: [c[k] for c in counts] for k in ("block", "rows", "quarantined")} | {
             k: [v] * len(counts) for k, v in memory.items()}
+
+
+def first_line(err: BaseException) -> str:
+    """The failing block's own message out of Ray's wrapped error."""
+    import re
+
+    text = str(err)
+    found = re.findall(r"BlockFailed: (purify block .*)", text)
+    return found[-1] if found else (text.splitlines() or [type(err).__name__])[-1]
 
 
 def peak_rss_mb() -> float:
@@ -67,7 +90,8 @@ def purify_on_ray(cfg: Config, source: Path, out: Path, blocks: list[Block]) -> 
     started_here = not ray.is_initialized()
     if started_here:
         cpus = max(os.cpu_count() or 1, int(cfg.purify.actors * cfg.purify.cpus_per_actor) + 1)
-        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, include_dashboard=False if embedded else None,
+        ray.init(address=ray_address(cfg), runtime_env={"env_vars": env},
+                 include_dashboard=False if embedded else None,
                  log_to_driver=False, **({"_node_ip_address": "127.0.0.1", "num_cpus": cpus} if embedded else {}))
     try:
         ctx = ray.data.DataContext.get_current()
@@ -77,8 +101,11 @@ def purify_on_ray(cfg: Config, source: Path, out: Path, blocks: list[Block]) -> 
             PurifyActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.purify.actors),
             fn_constructor_args=(cfg, str(source.resolve()), str(out.resolve())),
             num_cpus=cfg.purify.cpus_per_actor, num_gpus=cfg.purify.gpus_per_actor or None,
-            max_restarts=-1, max_task_retries=-1)
-        yield from done.iter_rows()
+            max_restarts=cfg.purify.retries, max_task_retries=cfg.purify.retries)
+        try:
+            yield from done.iter_rows()
+        except Exception as err:
+            raise BlockFailed(f"purification stopped after {cfg.purify.retries} retries: {first_line(err)}") from err
     finally:
         if started_here:
             ray.shutdown()

@@ -28,6 +28,14 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_DATASE
 LOCAL_RAY_CONFIG = "provider:\n  type: local\n"
 
 
+def ray_address(cfg: Config) -> str | None:
+    """``ray.address``; unset: the job's cluster inside a Ray job (RAY_ADDRESS), else a private local
+    instance ("local"), never a cluster that some other job started on this machine."""
+    if cfg.ray.address:
+        return cfg.ray.address
+    return None if os.environ.get("RAY_ADDRESS") else "local"
+
+
 def ensure_local_ray_config(home: Path | None = None) -> None:
     """Ray's dashboard probes cloud metadata addresses at start unless this file marks the cluster local."""
     path = (home or Path.home()) / "ray_bootstrap_config.yaml"
@@ -95,7 +103,7 @@ def run_on_ray(recipe: str, config: str, overrides: list[str], cfg: Config) -> i
     # inside `ray job submit --runtime-env-json ...`, merge our env vars into the job's instead of
     # failing on keys both set (Ray's own switch)
     os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-    ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, include_dashboard=False if embedded else None,
+    ray.init(address=ray_address(cfg), runtime_env={"env_vars": env}, include_dashboard=False if embedded else None,
              **({"_node_ip_address": "127.0.0.1"} if embedded else {}))
     try:
         wait_for_placement(cfg)

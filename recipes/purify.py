@@ -9,15 +9,20 @@ salient vision tokens of each image masked.
 Runs as a Ray Data pipeline (``launchers/ray_purify.py``): an actor pool of ``purify.actors`` model
 replicas (GPU actors with ``purify.gpus_per_actor=1``), an embedded local Ray by default, an
 existing cluster with ``ray.address``. The input jsonl is cut into blocks of ``purify.block_size``
-rows, each written once as a shard under ``output_dir/shards/``: killed at any point (an actor, the
-driver), the same command continues with the missing blocks, and the result equals an
-uninterrupted run's. Rows that cannot be used (bad JSON, empty prompt, missing or undecodable image)
-go to the quarantine with the reason; the job finishes and reports their count.
+rows (duplicate ids are refused in that first streaming pass, before any compute), each written once
+as a shard under ``output_dir/shards/`` with a record of its counts and hashes
+(``defend/purify/blocks.py``): killed at any point (an actor, the driver), the same command redoes
+the blocks that are missing, torn or corrupt, or whose input rows changed, and the result equals an
+uninterrupted run's. Rows that cannot be used (bytes that are not UTF-8, bad JSON, a value that is
+not an object, empty prompt, missing, undecodable or oversized image) go to the quarantine with the
+reason; the job finishes and reports their count. A block that fails in its actor is retried
+``purify.retries`` times, then the run stops naming it. The driver never loads the model.
 
-Writes ``output_dir/data/`` in one piece: ``train.jsonl`` (every usable row: same id, image and
+Writes ``output_dir/data/`` in one piece, after verifying every shard against its record:
+``train.jsonl`` (every usable row: its id (the line number where the row has none), image and
 prompt, the regenerated response, the old one in ``original_response``; ``finetune`` reads it with
 ``dataset.name=jsonl``), ``quarantine.jsonl`` and ``manifest.json`` (counts, parameters, the ids'
-hash, sha256 of every file).
+hash, sha256 of every file). An input with no usable row fails instead of writing an empty set.
 """
 from __future__ import annotations
 
@@ -32,9 +37,8 @@ from tqdm import tqdm
 from defend.atomic import atomic_dir, write_json
 from defend.config import Config, ConfigError
 from defend.data.writing import sha256_file
-from defend.models import load_model
-from defend.purify.blocks import plan_blocks, quarantine_path, shard_path
-from defend.purify.masking import MaskedGenerator
+from defend.purify.blocks import Block, plan_blocks, quarantine_path, record_path, shard_path, verify_block
+from defend.purify.masking import check_purify_settings
 from defend.run_dir import start_run
 
 
@@ -47,22 +51,29 @@ def check_inputs(cfg: Config) -> Path:
         raise ConfigError(f"dataset.path: '{source}' does not exist.")
     if not 0 < cfg.purify.mask_ratio < 1:
         raise ConfigError(f"purify.mask_ratio must be in (0, 1) for purification, got {cfg.purify.mask_ratio}.")
-    if cfg.purify.actors < 1 or cfg.purify.block_size < 1:
-        raise ConfigError("purify.actors and purify.block_size must be at least 1.")
-    try:  # a model that cannot load fails here, once, not in every actor
-        MaskedGenerator(load_model(cfg), cfg.purify)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.path / model.adapter: cannot load the model to purify with ({err}).") from err
+    if cfg.purify.actors < 1 or cfg.purify.block_size < 1 or cfg.purify.retries < 0:
+        raise ConfigError("purify.actors and purify.block_size must be at least 1, purify.retries at least 0.")
+    check_purify_settings(cfg.purify, cfg.model.family)
+    check_model_files(cfg)  # what can be checked without loading the weights (the actors load them)
     return source
 
 
-def shard_settings(cfg: Config, source: Path) -> dict:
-    """Everything that decides a shard's content: finished shards are reused only under the same."""
-    stat = source.stat()
-    purify = {k: v for k, v in dataclasses.asdict(cfg.purify).items() if k not in ("actors", "cpus_per_actor", "gpus_per_actor")}
+def check_model_files(cfg: Config) -> None:
+    from defend.models.archs import check_model_folder
+    from defend.models.loading import resolve_model_path
+
+    check_model_folder(resolve_model_path(cfg), cfg.model.family)
+    if cfg.model.adapter and not (Path(cfg.model.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"model.adapter: '{cfg.model.adapter}' has no adapter_config.json (a peft LoRA folder).")
+
+
+def shard_settings(cfg: Config) -> dict:
+    """Everything but the input rows that decides a shard's content: finished shards are reused only under
+    the same (each block's record names its input bytes, so fixing one row redoes only its block)."""
+    purify = {k: v for k, v in dataclasses.asdict(cfg.purify).items()
+              if k not in ("actors", "cpus_per_actor", "gpus_per_actor", "retries")}
     weights = sorted(Path(cfg.model.adapter).glob("adapter_model.*")) if cfg.model.adapter else []
-    return {"source": {"path": str(source.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns},
-            "model": dataclasses.asdict(cfg.model), "adapter_sha256": [sha256_file(w) for w in weights],
+    return {"model": dataclasses.asdict(cfg.model), "adapter_sha256": [sha256_file(w) for w in weights],
             "dataset": dataclasses.asdict(cfg.dataset), "purify": purify,
             "diffusion": dataclasses.asdict(cfg.diffusion), "max_new_tokens": cfg.eval.max_new_tokens,
             "max_length": cfg.train.max_length}
@@ -83,27 +94,29 @@ def check_resumable(out: Path, settings: dict) -> None:
         write_json(recorded, settings)
 
 
-def assemble(out: Path, n_blocks: int, manifest: dict) -> dict:
-    """Concatenate the shards in block order into ``out/data`` (written whole or not at all)."""
+def assemble(out: Path, blocks: list[Block], manifest: dict, id_column: str) -> dict:
+    """Verify every shard against its record, then concatenate them in block order into ``out/data``
+    (written whole or not at all)."""
+    for block in blocks:
+        problem = verify_block(out, block)
+        if problem:
+            raise ConfigError(f"{shard_path(out, block.index)}: {problem}; run the same command again to redo"
+                              " this block.")
+    records = [json.loads(record_path(out, b.index).read_text()) for b in blocks]
+    rows, quarantined = sum(r["rows"] for r in records), sum(r["quarantined"] for r in records)
+    if not rows:
+        raise ConfigError(f"{manifest['source']}: no usable row ({quarantined} quarantined, reasons in"
+                          f" {out / 'shards'}/*.quarantine.jsonl); nothing to fine-tune on.")
     ids = hashlib.sha256()
-    rows = quarantined = 0
-    seen: set[str] = set()
     with atomic_dir(out / "data") as tmp:
         with (tmp / "train.jsonl").open("w") as train, (tmp / "quarantine.jsonl").open("w") as bad:
-            for block in range(n_blocks):
-                for line in shard_path(out, block).open():
-                    row_id = str(json.loads(line)["id"])
-                    if row_id in seen:
-                        raise ConfigError(f"{shard_path(out, block)}: id '{row_id}' appears twice in the input;"
-                                          " purification needs unique ids.")
-                    seen.add(row_id)
-                    ids.update(row_id.encode() + b"\n")
+            for block in blocks:
+                for line in shard_path(out, block.index).open():
+                    ids.update(str(json.loads(line)[id_column]).encode() + b"\n")
                     train.write(line)
-                    rows += 1
-                for line in quarantine_path(out, block).open():
+                for line in quarantine_path(out, block.index).open():
                     bad.write(line)
-                    quarantined += 1
-        manifest["counts"] = {"rows": rows, "quarantined": quarantined, "blocks": n_blocks}
+        manifest["counts"] = {"rows": rows, "quarantined": quarantined, "blocks": len(blocks)}
         manifest["ids_sha256"] = ids.hexdigest()
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         write_json(tmp / "manifest.json", manifest)
@@ -114,11 +127,19 @@ def recipe_main(cfg: Config) -> dict:
     from launchers.ray_purify import peak_rss_mb, purify_on_ray
 
     source = check_inputs(cfg)
+    blocks = plan_blocks(source, cfg.purify.block_size, cfg.dataset.max_samples, cfg.dataset.id_column)
+    if not blocks:
+        raise ConfigError(f"dataset.path: '{source}' has no rows.")
     log = start_run(cfg, "purify")
     out = Path(cfg.output_dir)
-    check_resumable(out, shard_settings(cfg, source))
-    blocks = plan_blocks(source, cfg.purify.block_size, cfg.dataset.max_samples)
-    todo = [b for b in blocks if not shard_path(out, b.index).is_file()]
+    check_resumable(out, shard_settings(cfg))
+    todo = []
+    for block in blocks:
+        problem = verify_block(out, block)
+        if problem:
+            todo.append(block)
+            if problem != "not finished":
+                log.warning("block %d will be redone: %s", block.index, problem)
     log.info("%d blocks of %d rows, %d already purified; %d actors", len(blocks), cfg.purify.block_size,
              len(blocks) - len(todo), cfg.purify.actors)
     started = time.perf_counter()
@@ -133,11 +154,11 @@ def recipe_main(cfg: Config) -> dict:
             log.warning("block %d: %d rows quarantined", counts["block"], counts["quarantined"])
     progress.close()
     seconds = time.perf_counter() - started
-    manifest = assemble(out, len(blocks), {
+    manifest = assemble(out, blocks, {
         "source": str(source.resolve()), "source_sha256": sha256_file(source),
         "model": {"path": cfg.model.path, "adapter": cfg.model.adapter, "family": cfg.model.family},
         "purify": dataclasses.asdict(cfg.purify), "diffusion": dataclasses.asdict(cfg.diffusion),
-        "eval": {"max_new_tokens": cfg.eval.max_new_tokens}})
+        "eval": {"max_new_tokens": cfg.eval.max_new_tokens}}, cfg.dataset.id_column)
     summary = {"data_dir": str(out / "data"), **manifest["counts"], "purify_seconds": round(seconds, 2),
                "seconds_to_first_block": round(first_block, 2) if first_block else None,
                "rows_per_second_this_run": round(purified / seconds, 2) if purified else None,

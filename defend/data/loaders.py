@@ -110,7 +110,7 @@ def check_image_header(path: Path, where: str) -> None:
     try:
         with Image.open(path):
             pass
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise DataError(f"{where}: '{path}' is not a readable image ({err}); replace the file or drop the row.") from err
 
 

@@ -38,7 +38,7 @@ class Sample:
                 f"{self.source}: sample '{self.id}': image file '{self.image}' does not exist;"
                 " fix the path or drop the row."
             ) from err
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
             raise DataError(
                 f"{self.source}: sample '{self.id}': cannot decode image '{self.image}' ({err});"
                 " replace the file or drop the row."

@@ -36,21 +36,27 @@ def masked_features(vlm, batch: dict[str, Any], ratio: float, selection: str, re
     return torch.where(chosen.unsqueeze(1), fill, tokens.features), chosen
 
 
+def check_purify_settings(purify, family: str) -> str:
+    """Refuse ``purify.*`` values that cannot work (before any model loads); the replacement to use."""
+    # auto: mean, the replacement measured best on both families (docs/disp.md, "Replacement")
+    replacement = "mean" if purify.replacement == "auto" else purify.replacement
+    if not 0 <= purify.mask_ratio < 1:
+        raise ConfigError(f"purify.mask_ratio must be in [0, 1), got {purify.mask_ratio}.")
+    if purify.saliency_samples < 1 or purify.saliency_top_k < 1:
+        raise ConfigError(f"purify.saliency_samples and purify.saliency_top_k must be >= 1, got"
+                          f" {purify.saliency_samples} and {purify.saliency_top_k}.")
+    if replacement == "mask" and family != "mdlm":
+        raise ConfigError("purify.replacement=mask needs a masked-diffusion model (model.family=mdlm);"
+                          " use pad, zero or mean.")
+    return replacement
+
+
 class MaskedGenerator:
     """``purify.*`` settings bound to a model: ``generator(batch) -> answers`` with masking."""
 
     def __init__(self, vlm, purify):
         self.vlm, self.cfg = vlm, purify
-        # auto: mean, the replacement measured best on both families (docs/disp.md, "Replacement")
-        self.replacement = "mean" if purify.replacement == "auto" else purify.replacement
-        if not 0 <= purify.mask_ratio < 1:
-            raise ConfigError(f"purify.mask_ratio must be in [0, 1), got {purify.mask_ratio}.")
-        if purify.saliency_samples < 1 or purify.saliency_top_k < 1:
-            raise ConfigError(f"purify.saliency_samples and purify.saliency_top_k must be >= 1, got"
-                              f" {purify.saliency_samples} and {purify.saliency_top_k}.")
-        if self.replacement == "mask" and vlm.family != "mdlm":
-            raise ConfigError("purify.replacement=mask needs a masked-diffusion model (model.family=mdlm);"
-                              " use pad, zero or mean.")
+        self.replacement = check_purify_settings(purify, vlm.family)
         # on the model's device: saliency draws labels from, and random selection scores, tensors there
         device = next(vlm.model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(purify.seed)
