@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -148,6 +149,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return submit_ray(args.recipe, args.config, args.overrides, cfg)
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from defend.models.convert import convert_llada_v
+
+    target = convert_llada_v(args.source, args.target, vision_config=args.vision_config,
+                             image_token_id=args.image_token_id)
+    settings = json.loads((target / "defend_diffusion.json").read_text())
+    overrides = " ".join(f"{k}={json.dumps(v).replace(' ', '')}" for k, v in settings.items() if "." in k)
+    print(f"converted {args.source} -> {target}\nrun it with: model.path={target} {overrides}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defend", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="slurm: wait for the job, return its exit status")
     submit.add_argument("overrides", nargs="*", metavar="key=value")
     submit.set_defaults(func=cmd_submit)
+    convert = sub.add_parser("convert", help="turn a checkpoint that needs its authors' package into a"
+                                             " standard transformers folder (once)")
+    convert.add_argument("kind", choices=["llada_v"])
+    convert.add_argument("source", help="the published folder (config.json + safetensors + tokenizer)")
+    convert.add_argument("target", help="the folder to write")
+    convert.add_argument("--vision-config", help="a SigLIP config.json when the tower is not so400m-384")
+    convert.add_argument("--image-token-id", type=int, help="the id of <image> (default: added to the tokenizer)")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 

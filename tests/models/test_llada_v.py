@@ -1,0 +1,176 @@
+"""LLaDA-V from its published format, against the outputs its authors' own code recorded
+(tests/fixtures/llada_v: a tiny random-init checkpoint in LLaDA-V's exact format, the reference run
+with its pinned transformers). The folder is converted once (``defend convert llada_v``) and then
+loaded as a standard LLaVA-OneVision model with a bidirectional Llama decoder."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from defend.config import load_config
+from defend.models.convert import LLADA_V_BLOCKED_IDS, convert_llada_v
+from defend.models.diffusion import CachedScorer, MaskedDiffusionVLM
+from defend.models.diffusion_sampler import diffusion_generate
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "llada_v"
+IMAGE_TOKEN = 126400  # an unused row of the tiny checkpoint's vocabulary
+PAD = 1000  # an all-zero embedding row: the reference pads spliced rows with zero vectors and attends to them
+IMAGES = ["square_32x32", "wide_32x64"]  # row 0's and row 1's image (the prompts' too)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    if not (FIXTURE / "checkpoint" / "model.safetensors").is_file():  # rebuilt from the compact file (sha256-checked)
+        subprocess.run([sys.executable, str(FIXTURE / "expand_checkpoint.py")], check=True, capture_output=True)
+    return convert_llada_v(FIXTURE / "checkpoint", tmp_path_factory.mktemp("llada_v") / "model",
+                           vision_config=FIXTURE / "siglip_tiny" / "config.json", image_token_id=IMAGE_TOKEN)
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[dict, dict, dict]:
+    return (load_file(FIXTURE / "inputs.safetensors"), load_file(FIXTURE / "expected.safetensors"),
+            json.loads((FIXTURE / "expected.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def vlm(converted):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(converted, dtype=torch.float32)
+    model.eval()
+    cfg = load_config(None, ["model.family=mdlm", "diffusion.mask_token_id=126336"])
+    return MaskedDiffusionVLM(model, None, cfg)
+
+
+def spliced(ids: list[int], n_image: int) -> list[int]:
+    at = ids.index(-200)
+    return ids[:at] + [IMAGE_TOKEN] * n_image + ids[at + 1:]
+
+
+IMAGE_TOKENS = {"square_32x32": 36, "wide_32x64": 52}  # what the reference spliced for each
+
+
+def batch_of(reference, rows: list[list[int]], images: list[str], length: int | None = None) -> dict:
+    """Our batch for the reference's rows: the -200 placeholder expanded to its image's token count,
+    right-padded with the zero-embedding id, everything attended (as the reference runs SFT), the
+    reference's own pixel tensors."""
+    inputs = reference[0]
+    ids = [spliced(row, IMAGE_TOKENS[name]) for row, name in zip(rows, images)]
+    length = length or max(map(len, ids))
+    crops = [inputs[f"pixel_values.{name}"] for name in images]
+    most = max(c.shape[0] for c in crops)
+    pixels = torch.stack([torch.cat([c, c.new_zeros(most - c.shape[0], *c.shape[1:])]) for c in crops])
+    sizes = torch.stack([inputs[f"image_size.{name}"] for name in images]).flip(-1)  # PIL (w, h) -> (h, w)
+    return {"input_ids": torch.tensor([r + [PAD] * (length - len(r)) for r in ids]),
+            "attention_mask": torch.ones(len(ids), length, dtype=torch.long), "pixel_values": pixels,
+            "image_sizes": sizes}
+
+
+def test_the_converted_folder_is_a_standard_onevision_model_with_llada_v_settings(converted):
+    config = json.loads((converted / "config.json").read_text())
+    assert config["model_type"] == "llava_onevision" and config["text_config"]["is_causal"] is False
+    assert config["vision_config"]["num_hidden_layers"] == 2  # the reference drops the tower's last layer
+    assert config["vision_aspect_ratio"] == "anyres_max_4"
+    settings = json.loads((converted / "defend_diffusion.json").read_text())
+    assert settings["diffusion.mask_token_id"] == 126336 and settings["diffusion.blocked_token_ids"] == LLADA_V_BLOCKED_IDS
+
+
+def test_merged_embeddings_and_logits_equal_the_reference(vlm, reference):
+    inputs, expected, meta = reference
+    rows = inputs["input_ids"].tolist()  # the collated rows: EOS-padded to the batch's longest, as LLaDA-V pads
+    batch = batch_of(reference, rows, IMAGES, length=expected["inputs_embeds"].shape[1])
+    tokens = vlm.vision_tokens(batch)
+    image = batch["input_ids"] == IMAGE_TOKEN
+    assert tokens.counts == [36, 52]
+    # the vision tower, projector, anyres unpadding and newline tokens: to 1-2 float32 ulps
+    assert torch.allclose(tokens.features, expected["inputs_embeds"][image], atol=1e-6)
+    active = expected["active_ids"]
+    with torch.no_grad():
+        logits = vlm.model(**batch).logits
+        decoder = vlm.model.model.language_model  # from the reference's own embeddings: the text model exactly
+        exact = vlm.model.lm_head(decoder(inputs_embeds=expected["inputs_embeds"],
+                                          attention_mask=batch["attention_mask"]).last_hidden_state)
+    assert torch.allclose(exact[..., active], expected["logits_active"], atol=1e-5)
+    # end to end, those ulps of the image tokens grow through the tiny model's large weights (init 0.2,
+    # lm_head x3) to at most ~1e-4 on logits of up to ~40
+    assert (logits[..., active] - expected["logits_active"]).abs().max() < 2e-4
+    inactive = torch.ones(logits.shape[-1], dtype=torch.bool)
+    inactive[active] = False
+    assert logits[..., inactive].abs().max() == 0  # the zero rows of the compact checkpoint
+
+
+@pytest.mark.parametrize("setting", ["s8_g8_b8_t0", "s8_g8_b4_t0", "s4_g8_b8_t0"])
+def test_sampler_tokens_equal_generate_with_embeds(vlm, reference, setting):
+    inputs, expected, meta = reference
+    for row, image in enumerate(IMAGES):
+        batch = batch_of(reference, [inputs[f"gen_prompt_ids.{row}"][0].tolist()], [image])
+        s = meta["generation"][str(row)][setting]["settings"]
+        features = vlm.image_features(batch)
+        tokens = diffusion_generate(CachedScorer(vlm, batch, features, "none"), batch["input_ids"],
+                                    batch["attention_mask"], 126336, s["gen_length"], s["steps"], s["block_length"],
+                                    blocked_token_ids=LLADA_V_BLOCKED_IDS)
+        assert tokens[0].tolist() == expected[f"gen.{row}.{setting}"][0].tolist(), (row, setting)
+
+
+def test_the_sft_loss_equals_the_reference_for_its_noise_draw(vlm, reference):
+    """LLaDA-V draws t ~ U(b) then U(b, L) from the global generator, as our diffusion_noise does: the
+    same seed gives the same masked tokens, and the loss (sum CE/p over masked tokens / response
+    tokens / rows, EOS padding included in the response) is the reference's."""
+    from defend.models.diffusion_loss import diffusion_noise
+
+    inputs, expected, meta = reference
+    batch = batch_of(reference, inputs["input_ids"].tolist(), IMAGES, length=expected["spliced_labels"].shape[1])
+    batch["labels"] = expected["spliced_labels"]
+    batch["image_rows"] = torch.tensor([True, True])
+    torch.manual_seed(meta["loss"]["seed"])
+    noise = diffusion_noise(batch["input_ids"], batch["labels"] != -100, 126336)
+    assert torch.equal(noise.noisy == 126336, expected["loss.masked_indices"].bool())
+    torch.manual_seed(meta["loss"]["seed"])
+    with torch.no_grad():
+        loss = vlm.score(batch).task_loss()
+    assert abs(loss.item() - meta["loss"]["value"]) < 1e-4 * meta["loss"]["value"], (loss.item(), meta["loss"]["value"])
+
+
+def test_defend_convert_writes_the_folder_and_prints_how_to_run_it(converted, tmp_path):
+    from defend.cli import main
+
+    assert main(["convert", "llada_v", str(FIXTURE / "checkpoint"), str(tmp_path / "m"),
+                 "--vision-config", str(FIXTURE / "siglip_tiny" / "config.json"),
+                 "--image-token-id", str(IMAGE_TOKEN)]) == 0
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == (converted / "model.safetensors").read_bytes()
+    assert main(["convert", "llada_v", str(tmp_path / "m"), str(tmp_path / "again")]) == 2  # not a LLaDA-V folder
+
+
+def test_a_converted_llada_v_folder_fine_tunes_evaluates_and_purifies(tmp_path):
+    """The published layout end to end through the CLI recipes (a stand-in tokenizer: the fixture's
+    mirror has none; ids past the tiny vocabulary are LLaDA's own)."""
+    import shutil
+
+    from defend.config import TinyConfig
+    from defend.models.tiny_components import tiny_tokenizer
+    from recipes.evaluate import recipe_main as evaluate
+    from recipes.finetune import recipe_main as finetune
+
+    if not (FIXTURE / "checkpoint" / "model.safetensors").is_file():
+        subprocess.run([sys.executable, str(FIXTURE / "expand_checkpoint.py")], check=True, capture_output=True)
+    source = tmp_path / "LLaDA-V"
+    shutil.copytree(FIXTURE / "checkpoint", source)
+    tokenizer = tiny_tokenizer(TinyConfig(), extra_special_tokens={}, chat_template=None)
+    tokenizer.save_pretrained(source)
+    target = convert_llada_v(source, tmp_path / "converted", vision_config=FIXTURE / "siglip_tiny" / "config.json")
+    run = [f"model.path={target}", "model.family=mdlm", "diffusion.mask_token_id=126336",
+           f"diffusion.blocked_token_ids={LLADA_V_BLOCKED_IDS}".replace(" ", ""), "train.max_length=512",
+           "diffusion.gen_length=4", "diffusion.steps=4", "diffusion.block_length=4"]
+    trained = finetune(load_config("finetune_tiny_mdlm", [*run, "dataset.max_samples=4", "train.micro_batch_size=2",
+                                                           "train.max_steps=2", f"output_dir={tmp_path / 'ft'}"]))
+    assert trained["steps"] == 2
+    metrics = evaluate(load_config("evaluate_tiny_mdlm", [*run, f"model.adapter={trained['saved']}",
+                                                           "dataset.max_samples=4", "eval.max_samples=4",
+                                                           "purify.mask_ratio=0.45", f"output_dir={tmp_path / 'ev'}"]))
+    assert metrics["n"] == 4
