@@ -241,3 +241,20 @@ def test_pretrain_vision_trains_the_tower_of_every_architecture(arch, tmp_path):
     before = find_vision_tower(loaded(arch, "mllm")[1].model).state_dict()
     after = find_vision_tower(load_model(config(arch, "mllm", f"model.path={summary['saved']}")).model).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_architecture_without_adapter_is_refused_by_validate_before_any_weights_load(tmp_path, capsys):
+    import json
+
+    from defend.cli import main
+
+    folder = tmp_path / "mllama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mllama"}))  # no weights at all
+    assert main(["validate", "finetune_tiny_mllm", f"model.path={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert "model_type 'mllama' has no architecture adapter" in err and "qwen2_5_vl" in err and "docs/models.md" in err
+    cfg = config("llava", "mllm", f"model.path={folder}")
+    with pytest.raises(Exception, match="mllama"):
+        load_model(cfg)  # the recipes' loader refuses it before from_pretrained
+    assert main(["validate", "finetune_tiny_mllm", f"model.path={folder}", "model.family=mdlm"]) == 2
