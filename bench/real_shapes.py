@@ -151,10 +151,13 @@ def cell(result: dict | None, error: str, key: str, fmt: str) -> str:
 
 
 def table(results: dict) -> str:
+    """The markdown table of ``results``; ``load avg``: the highest 1-minute load average seen around the
+    row's timed runs (this process alone with 2 threads reads about 2; more means other work shared
+    the cores and the wall times are inflated by it)."""
     lines = [("| arch | params (M), fp32 GB | vision tokens / image | batch | seq len |"
               " LoRA step s/sample (wall / CPU) | saliency s/sample (wall / CPU) | masked gen s/sample (wall / CPU) |"
-              " peak RSS GB (LoRA / saliency / masked gen) |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+              " peak RSS GB (LoRA / saliency / masked gen) | load avg |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, arch in results["archs"].items():
         build = arch.get("build") or {}
         for batch, cases in arch["cases"].items():
@@ -167,7 +170,8 @@ def table(results: dict) -> str:
             params = build.get("parameters", 0)
             lines.append(f"| {name} | {params / 1e6:.0f}, {4 * params / 1e9:.1f} |"
                          f" {first['vision_tokens_per_image'] if first else '?'} | {batch} |"
-                         f" {first['sequence_length'] if first else '?'} | {' | '.join(times)} | {peaks} |")
+                         f" {first['sequence_length'] if first else '?'} | {' | '.join(times)} | {peaks} |"
+                         f" {max((x for c in ok for x in c['loadavg_1min_before_after']), default=0):.1f} |")
     return "\n".join(lines)
 
 
@@ -205,7 +209,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--build":
+    if len(sys.argv) > 1 and sys.argv[1] == "--table":  # re-print the table of a results file
+        print(table(json.loads(Path(sys.argv[2]).read_text())))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--build":
         print(json.dumps(child_build(sys.argv[2], sys.argv[3])))
     elif len(sys.argv) > 1 and sys.argv[1] == "--case":
         print(json.dumps(child_case(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))))
