@@ -25,10 +25,21 @@ IMAGES = ["square_32x32", "wide_32x64"]  # row 0's and row 1's image (the prompt
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
-    if not (FIXTURE / "checkpoint" / "model.safetensors").is_file():  # rebuilt from the compact file (sha256-checked)
-        subprocess.run([sys.executable, str(FIXTURE / "expand_checkpoint.py")], check=True, capture_output=True)
-    return convert_llada_v(FIXTURE / "checkpoint", tmp_path_factory.mktemp("llada_v") / "model",
+def published(tmp_path_factory) -> Path:
+    """The tiny checkpoint as LLaDA-V's code saved it, rebuilt (sha256-checked) from the compact file
+    into a temp folder."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("llada_v") / "LLaDA-V"
+    shutil.copytree(FIXTURE / "checkpoint", folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    subprocess.run([sys.executable, str(FIXTURE / "expand_checkpoint.py"), str(folder)], check=True,
+                   capture_output=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def converted(published, tmp_path_factory) -> Path:
+    return convert_llada_v(published, tmp_path_factory.mktemp("llada_v") / "model",
                            vision_config=FIXTURE / "siglip_tiny" / "config.json", image_token_id=IMAGE_TOKEN)
 
 
@@ -137,17 +148,17 @@ def test_the_sft_loss_equals_the_reference_for_its_noise_draw(vlm, reference):
     assert abs(loss.item() - meta["loss"]["value"]) < 1e-4 * meta["loss"]["value"], (loss.item(), meta["loss"]["value"])
 
 
-def test_defend_convert_writes_the_folder_and_prints_how_to_run_it(converted, tmp_path):
+def test_defend_convert_writes_the_folder_and_prints_how_to_run_it(published, converted, tmp_path):
     from defend.cli import main
 
-    assert main(["convert", "llada_v", str(FIXTURE / "checkpoint"), str(tmp_path / "m"),
+    assert main(["convert", "llada_v", str(published), str(tmp_path / "m"),
                  "--vision-config", str(FIXTURE / "siglip_tiny" / "config.json"),
                  "--image-token-id", str(IMAGE_TOKEN)]) == 0
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == (converted / "model.safetensors").read_bytes()
     assert main(["convert", "llada_v", str(tmp_path / "m"), str(tmp_path / "again")]) == 2  # not a LLaDA-V folder
 
 
-def test_a_converted_llada_v_folder_fine_tunes_evaluates_and_purifies(tmp_path):
+def test_a_converted_llada_v_folder_fine_tunes_and_evaluates_with_masking(published, tmp_path):
     """The published layout end to end through the CLI recipes (a stand-in tokenizer: the fixture's
     mirror has none; ids past the tiny vocabulary are LLaDA's own)."""
     import shutil
@@ -157,10 +168,8 @@ def test_a_converted_llada_v_folder_fine_tunes_evaluates_and_purifies(tmp_path):
     from recipes.evaluate import recipe_main as evaluate
     from recipes.finetune import recipe_main as finetune
 
-    if not (FIXTURE / "checkpoint" / "model.safetensors").is_file():
-        subprocess.run([sys.executable, str(FIXTURE / "expand_checkpoint.py")], check=True, capture_output=True)
     source = tmp_path / "LLaDA-V"
-    shutil.copytree(FIXTURE / "checkpoint", source)
+    shutil.copytree(published, source)
     tokenizer = tiny_tokenizer(TinyConfig(), extra_special_tokens={}, chat_template=None)
     tokenizer.save_pretrained(source)
     target = convert_llada_v(source, tmp_path / "converted", vision_config=FIXTURE / "siglip_tiny" / "config.json")
