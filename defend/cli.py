@@ -96,14 +96,13 @@ def cmd_cp(args: argparse.Namespace) -> None:
 
 
 def check_model(cfg) -> None:
-    """A real checkpoint's folder and architecture (its config.json's model_type), without loading it."""
-    from defend.models.archs import check_model_folder
+    """A real checkpoint's folder, architecture and adapter, without loading it (a tiny one is not built)."""
     from defend.models.tiny import TINY_PATH
 
     if cfg.model.path and cfg.model.path != TINY_PATH:
-        from defend.models.loading import resolve_model_path
+        from defend.models.loading import check_model_files
 
-        check_model_folder(resolve_model_path(cfg), cfg.model.family)
+        check_model_files(cfg)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from defend.atomic import atomic_dir, write_json
 from defend.config import Config, ConfigError
 from defend.data.writing import sha256_file
+from defend.models.loading import check_model_files
 from defend.purify.blocks import Block, plan_blocks, quarantine_path, record_path, shard_path, verify_block
 from defend.purify.masking import check_purify_settings
 from defend.run_dir import start_run
@@ -56,15 +57,6 @@ def check_inputs(cfg: Config) -> Path:
     check_purify_settings(cfg.purify, cfg.model.family)
     check_model_files(cfg)  # what can be checked without loading the weights (the actors load them)
     return source
-
-
-def check_model_files(cfg: Config) -> None:
-    from defend.models.archs import check_model_folder
-    from defend.models.loading import resolve_model_path
-
-    check_model_folder(resolve_model_path(cfg), cfg.model.family)
-    if cfg.model.adapter and not (Path(cfg.model.adapter) / "adapter_config.json").is_file():
-        raise ConfigError(f"model.adapter: '{cfg.model.adapter}' has no adapter_config.json (a peft LoRA folder).")
 
 
 def shard_settings(cfg: Config) -> dict:

@@ -39,9 +39,5 @@ class AutoregressiveVLM(VisionLanguageModel):
         return self.decode(out[:, inputs["input_ids"].shape[1]:])
 
     def first_step_logits(self, batch: dict[str, Any], features: torch.Tensor) -> torch.Tensor:
-        inputs = self.inputs_without_pixels(batch)
-        positions = self.arch.position_ids(batch["attention_mask"])
-        if positions is not None:  # as generate's prefill numbers a left-padded row
-            inputs["position_ids"] = positions
         with self.injected_vision_tokens(self.image_positions(batch["input_ids"]), features):
-            return self.last_logits(self.model, inputs, 1)
+            return self.last_logits(self.model, self.prompt_inputs(batch), 1)

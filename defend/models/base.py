@@ -104,6 +104,14 @@ class VisionLanguageModel:
         inputs = self.model_inputs(batch)
         return inputs if self.arch.keeps_pixels() else without(inputs, self.arch.pixel_inputs)
 
+    def prompt_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``inputs_without_pixels`` of a left-padded prompt batch, positioned as generate's prefill is."""
+        inputs = self.inputs_without_pixels(batch)
+        positions = self.arch.position_ids(batch["attention_mask"])
+        if positions is not None:  # None: the model derives them (M-RoPE)
+            inputs["position_ids"] = positions
+        return inputs
+
     def token_embedding(self, token_id: int) -> torch.Tensor:
         """The input embedding of one token, (hidden,)."""
         table = self.model.get_input_embeddings()

@@ -28,6 +28,16 @@ def resolve_model_path(cfg: Config) -> Path:
     return path
 
 
+def check_model_files(cfg: Config) -> tuple[Path, str]:
+    """What can be checked without loading any weights: the folder, its architecture (``model_type``
+    with an adapter, masked diffusion allowed on it) and the adapter folder; returns the folder and type."""
+    path = resolve_model_path(cfg)
+    model_type = check_model_folder(path, cfg.model.family)
+    if cfg.model.adapter and not (Path(cfg.model.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"model.adapter: '{cfg.model.adapter}' has no adapter_config.json (a peft LoRA folder).")
+    return path, model_type
+
+
 def full_precision_modules(model_type: str) -> list[str]:
     """Skip patterns of the modules QLoRA keeps in full precision: the vision side and the output head.
     Regexes: transformers matches skip patterns from the start of the full module name."""
@@ -55,14 +65,12 @@ def quantization_config(cfg: Config, model_type: str) -> Any:
 
 def load_pretrained(cfg: Config) -> tuple[torch.nn.Module, Any]:
     """The Hugging Face model and processor that ``cfg.model`` names (adapter applied if set)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from defend.models.image_only_processor import image_only_processor
 
-    path = resolve_model_path(cfg)
-    check_model_folder(path, cfg.model.family)  # before any weights load
+    path, model_type = check_model_files(cfg)  # before any weights load
     remote = cfg.model.trust_remote_code
-    model_type = AutoConfig.from_pretrained(path, trust_remote_code=remote).model_type
     processor = image_only_processor(path, model_type, remote) or AutoProcessor.from_pretrained(
         path, trust_remote_code=remote)
     model = AutoModelForImageTextToText.from_pretrained(
@@ -86,8 +94,5 @@ def load_pretrained(cfg: Config) -> tuple[torch.nn.Module, Any]:
     if cfg.model.adapter:
         from peft import PeftModel
 
-        adapter = Path(cfg.model.adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise ConfigError(f"model.adapter: '{adapter}' has no adapter_config.json (a peft LoRA folder).")
-        model = PeftModel.from_pretrained(model, adapter)
+        model = PeftModel.from_pretrained(model, Path(cfg.model.adapter))
     return model, processor

@@ -51,23 +51,24 @@ def expand_target(model: torch.nn.Module, target: str) -> list[str]:
     if target == LANGUAGE_MODEL:
         return language_model_linear_names(model)
     if target in ARCHITECTURE_ALIASES:
-        from defend.models.archs import architecture
-
-        arch = architecture(model.config)
-        names = arch.projector if target == "projector" else (arch.vision_tower,)
-        return [linear for name in names for linear in container_linears(model, name)]
+        return [linear for name in alias_modules(model, target) for linear in container_linears(model, name)]
     return container_linears(model, target)
+
+
+def alias_modules(model: torch.nn.Module, alias: str) -> tuple[str, ...]:
+    """The module names ``projector`` or ``vision_tower`` stand for in this model's architecture."""
+    from defend.models.archs import architecture
+
+    arch = architecture(model.config)
+    return arch.projector if alias == "projector" else (arch.vision_tower,)
 
 
 def without_linear_layers(model: torch.nn.Module, targets: list[str]) -> list[str]:
     """The architecture aliases among ``targets`` whose modules hold no linear layer for LoRA (Gemma 3's
     projector is a bare weight matrix): peft trains those modules in full (``modules_to_save``)."""
-    from defend.models.archs import architecture
-
     linear, full = linear_types(), []
     for target in (t for t in targets if t in ARCHITECTURE_ALIASES):
-        arch = architecture(model.config)
-        for name in arch.projector if target == "projector" else (arch.vision_tower,):
+        for name in alias_modules(model, target):
             found = [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
             if found and not any(isinstance(x, linear) for m in found for x in m.modules()):
                 full.append(name)

@@ -14,13 +14,15 @@ IMAGE_TOKEN = "<image>"
 MASK_TOKEN = "<|mdm_mask|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IMAGE_TOKEN, MASK_TOKEN]
 
-# One user turn: image placeholder(s), the prompt, then the answer cue.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
-    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %} answer:{% endif %}"
-)
+def tiny_chat_template(image_marker: str = IMAGE_TOKEN) -> str:
+    """One user turn: the image placeholder the processor expands, the prompt, then the answer cue."""
+    return ("{% for message in messages %}{% if message['role'] == 'user' %}"
+            "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + image_marker +
+            "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %} answer:{% endif %}")
+
+
+TINY_CHAT_TEMPLATE = tiny_chat_template()
 
 
 def build_bpe_tokenizer(

@@ -86,13 +86,9 @@ def attention_saliency(vlm, batch: dict[str, Any], tokens: VisionTokens) -> torc
         previous = model.config._attn_implementation
         model.set_attn_implementation("eager")  # attention weights are only returned by the eager kernel
         positions = vlm.image_positions(batch["input_ids"])
-        inputs = vlm.inputs_without_pixels(batch)
-        order = vlm.arch.position_ids(batch["attention_mask"])
-        if order is not None:
-            inputs["position_ids"] = order
         try:
             with vlm.injected_vision_tokens(positions, tokens.features):
-                out = model(**inputs, output_attentions=True)
+                out = model(**vlm.prompt_inputs(batch), output_attentions=True)
         finally:
             model.set_attn_implementation(previous)
         attentions = out.attentions if getattr(out, "attentions", None) else out.language_model_outputs.attentions

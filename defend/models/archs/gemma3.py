@@ -7,15 +7,10 @@ from typing import Any
 
 from defend.models.archs.base import Architecture
 from defend.models.tiny_components import special_token_ids, text_dims, tiny_tokenizer, vision_dims
+from defend.models.tokenizer import tiny_chat_template
 
 TOKENS = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
-# one user turn: the image's start marker (the processor expands it), the prompt, the answer cue
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
-    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %} answer:{% endif %}"
-)
+CHAT_TEMPLATE = tiny_chat_template("<start_of_image>")  # the processor expands the image's start marker
 POOLED_SIDE = 2  # the tiny model pools its patch grid to 2 x 2 tokens (the published: 16 x 16 = 256)
 
 

@@ -16,13 +16,6 @@ SCALE = 2  # pixel shuffle: each 2x2 block of patches becomes one image token
 TOKENS = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
           "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>",
           **{f"row_{r}_col_{c}_token": f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)}}
-# the user turn: "<image>" (the processor expands it into the crops' token grid), the prompt, the answer cue
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
-    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %} answer:{% endif %}"
-)
 
 
 class Idefics3(AnyResArchitecture):
@@ -49,14 +42,14 @@ class Idefics3(AnyResArchitecture):
         from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
                                   Idefics3Processor, Idefics3VisionConfig)
 
-        tokenizer = tiny_tokenizer(tiny, extra_special_tokens=TOKENS, chat_template=CHAT_TEMPLATE)
+        tokenizer = tiny_tokenizer(tiny, extra_special_tokens=TOKENS)  # "<image>" expands to the crops' grid
         vision = Idefics3VisionConfig(**vision_dims(tiny))
         processor_tokens = (tiny.image_size // tiny.patch_size) ** 2 // SCALE**2
         image_processor = Idefics3ImageProcessorPil(
             size={"longest_edge": 2 * tiny.image_size}, max_image_size={"longest_edge": tiny.image_size},
             do_image_splitting=True)
         processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=processor_tokens,
-                                      chat_template=CHAT_TEMPLATE)
+                                      chat_template=tokenizer.chat_template)
         config = Idefics3Config(vision_config=vision, text_config=tiny_text_config(tiny, family, tokenizer),
                                 scale_factor=SCALE, image_token_id=processor.image_token_id)
         return Idefics3ForConditionalGeneration(config), processor
