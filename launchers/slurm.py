@@ -12,6 +12,7 @@ GPU), ``ray_cluster`` (a Ray cluster on the allocation, the recipe submitted to 
 from __future__ import annotations
 
 import dataclasses
+import re
 import shlex
 import shutil
 import subprocess
@@ -50,12 +51,51 @@ def frozen_config(cfg: Config, template: Path) -> Config:
 
 
 def srun_container(cfg: Config, workdir: Path) -> str:
-    if not cfg.slurm.container_image:  # pyxis's srun options
+    """pyxis's srun options as shell words, each quoted: the body of the ``SRUN_CONTAINER=( ... )`` array."""
+    if not cfg.slurm.container_image:
         return ""
     parts = [f"--container-image={cfg.slurm.container_image}", f"--container-workdir={workdir}"]
     if cfg.slurm.container_mounts:
         parts.append(f"--container-mounts={cfg.slurm.container_mounts}")
-    return " ".join(parts)
+    return shlex.join(parts)
+
+
+# What an ``#SBATCH`` line cannot carry: sbatch splits its options at whitespace, drops a ``#`` and what
+# follows as a comment, and gives quotes and backslashes meanings of its own; a newline ends the comment
+# line that bash skips, so what follows it would run as shell.
+SBATCH_REFUSED = re.compile(r"[\s'\"\\#]|[\x00-\x1f\x7f]")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SLURM_TIME = re.compile(r"(?i)(\d+-)?\d+(:\d+){0,2}|unlimited|infinite")
+
+
+def sbatch_value(key: str, value: object, fix: str = "") -> str:
+    """``value`` as it goes on an ``#SBATCH`` line, or a ConfigError naming ``key``."""
+    text = str(value)
+    bad = SBATCH_REFUSED.search(text)
+    if bad or not text:
+        what = "is empty" if not text else f"holds {bad.group()!r}"
+        raise ConfigError(f"{key}: {text!r} {what}, which an #SBATCH line cannot carry (no whitespace, newline,"
+                          f" control character, quote, backslash or '#'); {fix or 'pick a value without it'}.")
+    return text
+
+
+def sbatch_args(args: list[str]) -> list[str]:
+    """``slurm.sbatch_args`` as ``#SBATCH`` lines' bodies: each entry split like a shell word list, every
+    word checked."""
+    lines = []
+    for i, arg in enumerate(args):
+        if CONTROL.search(str(arg)):  # a newline would start a line of its own, outside the #SBATCH one
+            sbatch_value(f"slurm.sbatch_args[{i}]", arg, "write one sbatch option per entry, on one line")
+        try:
+            words = shlex.split(str(arg))
+        except ValueError as err:
+            raise ConfigError(f"slurm.sbatch_args[{i}]: {arg!r} does not split into words ({err}); write one"
+                              " sbatch option per entry, e.g. --qos=high.") from None
+        if not words or not words[0].startswith("-"):
+            raise ConfigError(f"slurm.sbatch_args[{i}]: {arg!r} is not an sbatch option; write one per entry,"
+                              " starting with '-', e.g. --qos=high.")
+        lines.append(" ".join(sbatch_value(f"slurm.sbatch_args[{i}]", w) for w in words))
+    return lines
 
 
 def check(cfg: Config) -> None:
@@ -65,9 +105,14 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"slurm.{key}: must be at least 1, got {getattr(s, key)}.")
     if s.gpus_per_node < 0 or (s.procs_per_node is not None and s.procs_per_node < 1):
         raise ConfigError("slurm.gpus_per_node must be >= 0 and slurm.procs_per_node >= 1 (or null).")
-    if any(c.isspace() for c in str(Path(cfg.output_dir).resolve())):
-        raise ConfigError(f"output_dir: '{cfg.output_dir}' has whitespace, which #SBATCH lines cannot carry;"
-                          " pick a folder without spaces.")
+    if not SLURM_TIME.fullmatch(str(s.time)):
+        raise ConfigError(f"slurm.time: {s.time!r} is not a Slurm time limit; write minutes, MM:SS, HH:MM:SS,"
+                          " D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED (e.g. slurm.time=04:00:00).")
+    for key in ("job_name", "mem", "partition", "account"):
+        if getattr(s, key):  # null or empty: the template leaves the line out
+            sbatch_value(f"slurm.{key}", getattr(s, key))
+    sbatch_value("output_dir", Path(cfg.output_dir).resolve(), "pick a folder whose path has none of them")
+    sbatch_args(s.sbatch_args)
 
 
 def render(recipe: str, cfg: Config, config_path: Path, template: Path) -> str:
@@ -77,12 +122,17 @@ def render(recipe: str, cfg: Config, config_path: Path, template: Path) -> str:
     workdir = Path.cwd()
     s = cfg.slurm
     recipe_arg = str(Path(recipe).resolve()) if recipe.endswith(".py") else recipe
+    job_name = sbatch_value("slurm.job_name", s.job_name or f"defend-{Path(recipe).stem}",
+                            "set slurm.job_name, or name the recipe file without it")
+    workdir = Path(sbatch_value("the working directory", workdir, "submit from a folder whose path has none of them"))
+    # every value below that reaches shell is quoted; the #SBATCH ones were checked above
     values = {
-        "job_name": s.job_name or f"defend-{Path(recipe).stem}", "nodes": s.nodes, "cpus_per_task": s.cpus_per_task,
+        "job_name": job_name, "nodes": s.nodes, "cpus_per_task": s.cpus_per_task,
         "gpus_per_node": s.gpus_per_node, "procs_per_node": s.procs_per_node or max(1, s.gpus_per_node),
         "mem": s.mem, "time": s.time, "partition": s.partition, "account": s.account,
         "log": config_path.parent / "slurm-%j.out", "signal_seconds": s.signal_seconds,
-        "max_requeues": s.max_requeues, "workdir": workdir, "sbatch_args": s.sbatch_args, "setup": s.setup,
+        "max_requeues": s.max_requeues, "workdir": workdir, "sbatch_args": sbatch_args(s.sbatch_args),
+        "setup": s.setup,
         "python": shlex.quote(s.python or sys.executable), "srun_container": srun_container(cfg, workdir),
         "lib": shlex.quote(str(SLURM_DIR / "lib")), "recipe": shlex.quote(recipe_arg),
         "config": shlex.quote(str(config_path)),

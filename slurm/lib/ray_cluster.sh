@@ -3,7 +3,8 @@
 # them), and stops it when the script exits, so no Ray process outlives the job. Afterwards:
 #   RAY_ADDRESS   the head's GCS (HOST:PORT), for `ray.address=auto` inside the cluster
 #   RAY_JOB_API   the job API (http://HOST:PORT), for `defend submit ray` on the first node
-# Needs PYTHON (an interpreter with ray installed); RAY_CPUS, RAY_GPUS per node; SRUN_CONTAINER.
+# Needs PYTHON (an interpreter with ray installed); RAY_CPUS, RAY_GPUS per node; SRUN_CONTAINER (an array
+# of srun options, possibly empty).
 node_addr() { scontrol show node "$1" | grep -oP 'NodeAddr=\K\S+'; }
 
 ray_up() {
@@ -19,14 +20,14 @@ ray_up() {
   trap ray_down EXIT
   local ray=("$PYTHON" -m ray.scripts.scripts start --block --num-cpus="${RAY_CPUS:-1}" --num-gpus="${RAY_GPUS:-0}")
   # the dashboard (job API) listens on the head's loopback only: the driver is submitted from there
-  srun --overlap --nodes=1 --ntasks=1 -w "$head" $SRUN_CONTAINER "${ray[@]}" --head \
+  srun --overlap --nodes=1 --ntasks=1 -w "$head" ${SRUN_CONTAINER[@]+"${SRUN_CONTAINER[@]}"} "${ray[@]}" --head \
     --node-ip-address="$(node_addr "$head")" --port="$base" --dashboard-host=127.0.0.1 \
     --dashboard-port=$((base + 1)) --ray-client-server-port=$((base + 2)) \
     --dashboard-agent-listen-port=$((base + 3)) --temp-dir="$RAY_TMP" &
   RAY_STEP_PIDS+=($!)
   ray_wait_nodes 1
   for i in $(seq 1 $((${#nodes[@]} - 1))); do
-    srun --overlap --nodes=1 --ntasks=1 -w "${nodes[$i]}" $SRUN_CONTAINER "${ray[@]}" \
+    srun --overlap --nodes=1 --ntasks=1 -w "${nodes[$i]}" ${SRUN_CONTAINER[@]+"${SRUN_CONTAINER[@]}"} "${ray[@]}" \
       --address="$RAY_ADDRESS" --node-ip-address="$(node_addr "${nodes[$i]}")" \
       --dashboard-agent-listen-port=$((base + 3 + i)) &
     RAY_STEP_PIDS+=($!)
