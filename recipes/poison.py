@@ -24,7 +24,7 @@ from defend.data import load_samples
 from defend.data.attacks import build_trigger, plan_poison, poison_sample, trigger_sample
 from defend.data.attacks.poisoning import sample_rng
 from defend.data.samples import Sample
-from defend.data.writing import sha256_file, write_jsonl_set
+from defend.data.writing import check_file_ids, sha256_file, write_jsonl_set
 from defend.run_dir import start_run
 
 
@@ -37,6 +37,8 @@ def recipe_main(cfg: Config) -> dict:
     trigger = build_trigger(cfg.attack)
     train = load_samples(cfg.dataset)
     test = load_samples(cfg.dataset, split="test")
+    check_file_ids(train, "images/train")  # before any output: the ids name the image files
+    check_file_ids(test, "images/test_triggered")
     plan = plan_poison(train, cfg.attack)
     log = start_run(cfg, "poison")
     chosen = set(plan.poisoned)
