@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from defend.config import TrainConfig
+from defend.data.samples import DataError
 from defend.engine.checkpoint import Checkpointer
 from defend.engine.distributed import rank, world_size
 from defend.engine.memory import explain_out_of_memory
@@ -27,15 +28,42 @@ def total_steps(train: TrainConfig, n_samples: int) -> int:
     return train.max_steps or max(1, math.ceil(train.epochs * per_epoch))
 
 
-def keep_log_until(log_path: Path, step: int) -> None:
-    """Drop the records after ``step`` (a resumed run rewrites them); none at all when ``step`` is 0."""
+def read_train_log(log_path: Path, log: logging.Logger | None = None) -> list[dict]:
+    """The records of a loss log. A last line cut short (the run was killed while appending it: no
+    newline, not JSON) is dropped with a warning; any other line that is not a record is corruption, a
+    DataError naming the file and the line."""
+    lines = log_path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as err:
+            if n == len(lines):  # the last line, without its newline: torn by a kill mid-write
+                if log is not None:
+                    log.warning("%s line %d: dropped the last record, cut short when the run was stopped (%r)",
+                                log_path, n, line[:80])
+                continue
+            raise DataError(f"{log_path} line {n}: not a loss record ({err}): {line[:120]!r}; the log is corrupt."
+                            " Delete or repair that line (or move the file away: the resumed run then logs"
+                            " only its own steps) and resume again.") from None
+        records.append(record)
+    return records
+
+
+def keep_log_until(log_path: Path, step: int, log: logging.Logger | None = None) -> None:
+    """Drop the records after ``step`` (a resumed run rewrites them), and a torn last one; none at all
+    when ``step`` is 0."""
     if rank() != 0 or not log_path.exists():
         return
     if step == 0:
         log_path.unlink()
         return
-    kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    log_path.write_text("".join(line + "\n" for line in kept))
+    kept = [r for r in read_train_log(log_path, log) if r["step"] <= step]
+    log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def training_knobs(train: TrainConfig) -> dict[str, object]:
@@ -57,7 +85,7 @@ def train_loop(engine, batches: Iterator[Any], loss_fn: Callable[[Any], Any], to
     """
     engine.train()
     step, losses, terms, started = start_step, [], [], time.perf_counter()
-    keep_log_until(log_path, start_step)
+    keep_log_until(log_path, start_step, log)
     if start_step:
         log.info("resumed at step %d of %d", start_step, total_steps)
     stop = StopRequest() if checkpoints else None
