@@ -28,6 +28,28 @@ if sys.argv[1] == "evaluate":
     generate_all(vlm, samples[:2], 2, "warm-up")
     cap()
     generate_all(vlm, samples, 64, "clean")
+elif sys.argv[1] == "purify":  # the block an actor purifies (launchers/ray_purify.py calls purify_block)
+    import json
+    from pathlib import Path
+    from defend.models import load_model
+    from defend.purify.blocks import plan_blocks, purify_block
+    from defend.purify.masking import MaskedGenerator
+    out = Path(sys.argv[2])
+    source = out / "train.jsonl"
+    out.mkdir(parents=True)
+    rows = load_samples(load_config(None, ["dataset.split=test", "dataset.max_samples=64"]).dataset)
+    source.write_text("".join(json.dumps({"id": s.id, "image": str(s.image), "prompt": s.prompt,
+                                          "response": s.response}) + "\\n" for s in rows))
+    cfg = load_config("purify_tiny_mllm", [*big, f"dataset.path={source}", "purify.batch_size=64",
+                                           "eval.max_new_tokens=2"])
+    vlm = load_model(cfg)
+    vlm.model.eval()
+    generate = MaskedGenerator(vlm, cfg.purify)
+    warm = plan_blocks(source, 2, max_rows=2)[0]
+    purify_block(cfg, source, warm, vlm, generate, out)
+    block = plan_blocks(source, 64)[0]
+    cap()
+    purify_block(cfg, source, block, vlm, generate, out)
 else:
     from recipes.finetune import FinetuneRecipe
     recipe = FinetuneRecipe(load_config("finetune_tiny_mllm", [*big, "train.micro_batch_size=64", "train.max_steps=1",
@@ -39,7 +61,8 @@ else:
 
 
 @pytest.mark.parametrize("stage, knob", [("evaluate", "eval.batch_size (now 64)"),
-                                         ("finetune", "train.micro_batch_size (now 64)")])
+                                         ("finetune", "train.micro_batch_size (now 64)"),
+                                         ("purify", "purify.batch_size (now 64)")])
 def test_a_batch_that_does_not_fit_names_the_knobs(stage, knob, tmp_path):
     done = subprocess.run([sys.executable, "-c", SCRIPT, stage, str(tmp_path / "run")], capture_output=True,
                           text=True, timeout=300, cwd=Path(__file__).parents[2])
