@@ -6,11 +6,15 @@ The job runs ``defend run <recipe> --config <config> <overrides> ray.address=aut
 node, with ``ray.working_dir`` (default: this folder) sent along as its working directory and this
 process's offline/threads/cache settings (plus ``ray.env``) as its environment. Its logs stream
 here; the exit status is the job's. Ctrl-C or SIGTERM stops the job (a purification resumes from
-its shards, a training run from its checkpoint, when submitted again).
+its shards, a training run from its checkpoint, when submitted again). Stopping sends the job's
+driver SIGTERM, and Ray's job supervisor SIGKILLs it ``RAY_JOB_STOP_WAIT_TIME_S`` later (Ray's
+default: 3 s, too short for a checkpoint): the job is submitted with ``STOP_WAIT_S`` there (unless
+``ray.env`` or this environment sets it), and this client waits as long for the job to end.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import signal
 import time
@@ -19,6 +23,9 @@ from pathlib import Path
 from defend.config import Config, ConfigError, resolve_config_path
 from defend.engine.preemption import STOPPED_EXIT_CODE
 from launchers.ray_train import worker_env
+
+# seconds Ray's job supervisor waits between the stop's SIGTERM and its SIGKILL (a checkpoint's save)
+STOP_WAIT_S = 300
 
 
 class _Stop(Exception):
@@ -83,7 +90,9 @@ def submit_ray(recipe: str, config: str, overrides: list[str], cfg: Config) -> i
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     check(cfg)
-    runtime_env = {"env_vars": worker_env(cfg)}
+    env = worker_env(cfg)
+    env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", str(STOP_WAIT_S)))
+    runtime_env = {"env_vars": env}
     if cfg.ray.working_dir is not None:
         runtime_env["working_dir"] = str(Path(cfg.ray.working_dir).resolve())
     command = entrypoint(recipe, config, overrides, cfg)
@@ -101,7 +110,7 @@ def submit_ray(recipe: str, config: str, overrides: list[str], cfg: Config) -> i
     except _Stop as why:
         print(f"defend: {why} received: stopping Ray job {job_id}", flush=True)
         client.stop_job(job_id)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + int(env["RAY_JOB_STOP_WAIT_TIME_S"]) + 30
         while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline:
             time.sleep(1)
         return STOPPED_EXIT_CODE if client.get_job_status(job_id) != JobStatus.SUCCEEDED else 0
