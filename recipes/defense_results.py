@@ -31,6 +31,7 @@ from defend.atomic import write_json, write_text
 from defend.cells import run_cell
 from defend.cli import run_recipe
 from defend.config import Config, ConfigError, load_config
+from defend.data.manifest import verify_data_folder
 from defend.pretrained import pretrained_bases
 from defend.report import asr_accuracy_plot
 from defend.run_dir import start_run
@@ -56,6 +57,7 @@ def poisoned_data(config: str, out: Path) -> str:
     if manifest.is_file():
         made = json.loads(manifest.read_text())
         if made["attack"] == dataclasses.asdict(wanted.attack) and made["dataset"] == dataclasses.asdict(wanted.dataset):
+            verify_data_folder(out / "data", f"{config} (its poisoned data, reused)")  # every cell trusts it
             return str(out / "data")
     return run_recipe("poison", config, [f"output_dir={out}"])["data_dir"]
 

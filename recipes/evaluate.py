@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from defend.atomic import write_json, write_text
-from defend.config import Config, ConfigError, TargetConfig
+from defend.config import Config, TargetConfig
 from defend.data import load_samples
+from defend.data.manifest import verify_data_folder, verify_dataset_file
 from defend.data.samples import Sample
 from defend.engine.memory import explain_out_of_memory
 from defend.metrics.asr import attack_success
@@ -39,12 +40,11 @@ def load_eval_sets(cfg: Config) -> tuple[dict[str, list[Sample]], TargetConfig |
     """``{"clean": [...]}`` from ``dataset``, or the clean and triggered sets of ``eval.poison_dir``."""
     limit = cfg.eval.max_samples
     if cfg.eval.poison_dir is None:
+        if cfg.dataset.name == "jsonl":
+            verify_dataset_file(cfg.dataset.path)  # a poison/purify run's file: its folder as written
         return {"clean": load_samples(cfg.dataset)[:limit]}, None
     folder = Path(cfg.eval.poison_dir)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise ConfigError(f"eval.poison_dir: '{folder}' has no manifest.json; point it at a poison run's data/ folder.")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = verify_data_folder(folder, "eval.poison_dir", uses=["test_clean.jsonl", "test_triggered.jsonl"])
     target = TargetConfig(**manifest["attack"]["target"])
     sets = {}
     for name in ("clean", "triggered"):

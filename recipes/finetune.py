@@ -19,6 +19,7 @@ from pathlib import Path
 from defend.atomic import write_json
 from defend.config import Config
 from defend.data import load_samples
+from defend.data.manifest import verify_dataset_file
 from defend.data.sampler import resumable_loader
 from defend.engine.checkpoint import Checkpointer
 from defend.engine.distributed import rank
@@ -39,6 +40,8 @@ class FinetuneRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
+        if cfg.dataset.name == "jsonl":
+            verify_dataset_file(cfg.dataset.path)  # a poison/purify run's train.jsonl: its folder as written
         self.samples = load_samples(cfg.dataset)
         ds_config = prepare_deepspeed(cfg)  # before loading: under ZeRO-3 the model is built sharded
         self.vlm = load_model(cfg)

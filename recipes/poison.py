@@ -23,6 +23,7 @@ from defend.config import Config
 from defend.data import load_samples
 from defend.data.attacks import build_trigger, plan_poison, poison_sample, trigger_sample
 from defend.data.attacks.poisoning import sample_rng
+from defend.data.manifest import file_sizes
 from defend.data.samples import Sample
 from defend.data.writing import check_file_ids, sha256_file, write_jsonl_set
 from defend.run_dir import start_run
@@ -60,6 +61,7 @@ def recipe_main(cfg: Config) -> dict:
                        "test_clean": len(test), "test_triggered": len(triggered)},
             "poisoned_ids": [train[i].id for i in plan.poisoned],
             "files": files,
+            "sizes": file_sizes(tmp, files),  # what readers check (defend/data/manifest.py)
         }
         write_json(tmp / "manifest.json", manifest)
     log.info("poisoned %d of %d rows with %s -> %s", len(plan.poisoned), plan.n_rows, cfg.attack.name, target)

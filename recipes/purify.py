@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from defend.atomic import atomic_dir, write_json
 from defend.config import Config, ConfigError
+from defend.data.manifest import file_sizes
 from defend.data.writing import sha256_file
 from defend.models.loading import check_model_files
 from defend.purify.blocks import Block, plan_blocks, quarantine_path, record_path, shard_path, verify_block
@@ -111,6 +112,7 @@ def assemble(out: Path, blocks: list[Block], manifest: dict, id_column: str) -> 
         manifest["counts"] = {"rows": rows, "quarantined": quarantined, "blocks": len(blocks)}
         manifest["ids_sha256"] = ids.hexdigest()
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest["sizes"] = file_sizes(tmp, manifest["files"])  # what readers check (defend/data/manifest.py)
         write_json(tmp / "manifest.json", manifest)
     return manifest
 
