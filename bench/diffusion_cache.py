@@ -2,11 +2,16 @@
 
     python bench/diffusion_cache.py [--model <mdlm folder>] [--adapter <peft folder>] [--samples 256]
                                     [--out bench/diffusion_cache.json]
+    python bench/diffusion_cache.py --real-shape [--steps 32] [--out bench/diffusion_cache_real.json]
 
 Speed: samples/s of ``none``, ``prefix`` and ``dual`` at gen_length 32 and 128 (block 32, one token per
 step, Fast-dLLM's setting), on the model given (default: a random-init tiny masked-diffusion model).
 Agreement: on the easy-vqa test questions, the share of answers identical to the uncached sampler's
 and each cache's accuracy, at the demo's own sampler settings (``--agreement-*``) and at gen_length 32.
+``--real-shape``: LLaDA-V's published sizes (``tests/real_shapes.py`` ``llada_v_real_shape``: 4096 hidden,
+126464 vocabulary, the language model cut to 2 layers, SigLIP so400m cut to 2) on one real photo at
+LLaDA-V's crop size (384 px: the base view and one crop, 1485 image tokens); speed and the share of
+identical answers only (random weights have no accuracy), ``--steps`` steps per answer.
 """
 from __future__ import annotations
 
@@ -44,22 +49,52 @@ def answers(vlm, batches, cache: str, gen_length: int, steps: int, block: int) -
     return out, time.perf_counter() - started
 
 
-def speed(vlm, samples, batch_size: int, gen_lengths: list[int], repeats: int) -> list[dict]:
+def speed(vlm, samples, batch_size: int, gen_lengths: list[int], repeats: int, steps: int | None = None,
+          warm_up: bool = True) -> list[dict]:
+    """Samples/s of every cache (``steps``: per answer, default one token per step), and for each cache the
+    share of answers identical to the uncached sampler's."""
     collate = vlm.generate_collator()
     batches = [collate(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
-    answers(vlm, batches[:1], "none", 32, 32, 32)  # warm-up
+    if warm_up:
+        answers(vlm, batches[:1], "none", 32, 32, 32)
     rows = []
     for gen_length in gen_lengths:
-        seconds = {cache: [] for cache in CACHES}
+        n_steps = steps or gen_length
+        seconds, got = {cache: [] for cache in CACHES}, {}
         for _ in range(repeats):  # interleaved, so drift on a shared machine hits every cache alike
             for cache in CACHES:
-                seconds[cache].append(answers(vlm, batches, cache, gen_length, gen_length, 32)[1])
+                got[cache], took = answers(vlm, batches, cache, gen_length, n_steps, 32)
+                seconds[cache].append(took)
         best = {cache: min(s) for cache, s in seconds.items()}
-        rows.append({"gen_length": gen_length, "steps": gen_length, "block_length": 32, "samples": len(samples),
-                     **{f"{c}_samples_per_s": round(len(samples) / best[c], 3) for c in CACHES},
-                     **{f"{c}_speedup": round(best["none"] / best[c], 3) for c in CACHES if c != "none"}})
+        rows.append({"gen_length": gen_length, "steps": n_steps, "block_length": 32, "samples": len(samples),
+                     **{f"{c}_samples_per_s": round(len(samples) / best[c], 4) for c in CACHES},
+                     **{f"{c}_speedup": round(best["none"] / best[c], 3) for c in CACHES if c != "none"},
+                     **{f"{c}_identical": sum(a == b for a, b in zip(got[c], got["none"])) / len(samples)
+                        for c in CACHES if c != "none"}})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def real_shape(args) -> dict:
+    """The speed rows on the real-shape LLaDA-V (see the module docstring)."""
+    import skimage.data
+    from PIL import Image
+
+    from defend.data.samples import Sample
+    from defend.models.diffusion import MaskedDiffusionVLM
+    from tests.real_shapes import llada_v_real_shape
+
+    model, processor, departures = llada_v_real_shape()
+    model.eval()
+    cfg = load_config(None, ["model.family=mdlm", "diffusion.mask_token_id=126336", "train.max_length=8192"])
+    vlm = MaskedDiffusionVLM(model, processor, cfg)
+    photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee()]
+    samples = [Sample(id=str(i), image=Image.fromarray(p).resize((384, 384)), prompt="What is in the image?",
+                      response="") for i, p in enumerate(photos[: args.samples])]
+    prompt_tokens = vlm.generate_collator()(samples[:1])["input_ids"].shape[1]
+    return {"model": "LLaDA-V real shape (random init, LM 2 of 32 layers, tower 2 of 26)", "departures": departures,
+            "prompt_tokens": prompt_tokens,
+            "speed": speed(vlm, samples, 1, args.gen_lengths, args.repeats, args.steps, warm_up=False)}
 
 
 def agreement(vlm, samples, batch_size: int, gen_length: int, steps: int, block: int) -> dict:
@@ -87,16 +122,23 @@ def main() -> None:
     parser.add_argument("--agreement-gen-length", type=int, default=8)
     parser.add_argument("--agreement-steps", type=int, default=8)
     parser.add_argument("--agreement-block", type=int, default=8)
+    parser.add_argument("--real-shape", action="store_true", help="LLaDA-V's published sizes (see above)")
+    parser.add_argument("--gen-lengths", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--steps", type=int, help="steps per answer (default: gen_length, one token a step)")
     parser.add_argument("--out", default="bench/diffusion_cache.json")
     args = parser.parse_args()
+    machine = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "threads": torch.get_num_threads()}
+    if args.real_shape:
+        Path(args.out).write_text(json.dumps({**machine, **real_shape(args)}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     cfg = load_config(None, [*model_overrides(args), "dataset.split=test"])
     vlm = load_model(cfg)
     vlm.model.eval()
     samples = load_samples(cfg.dataset)
-    results = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "model": args.model or "tiny (random init)",
-               "adapter": args.adapter,
-               "speed": speed(vlm, samples[: args.samples], args.batch, [32, 128], args.repeats),
+    results = {**machine, "model": args.model or "tiny (random init)", "adapter": args.adapter,
+               "speed": speed(vlm, samples[: args.samples], args.batch, args.gen_lengths, args.repeats, args.steps),
                "agreement": [agreement(vlm, samples[: args.agreement_samples], 64, args.agreement_gen_length,
                                        args.agreement_steps, args.agreement_block),
                              agreement(vlm, samples[: args.agreement_samples], 64, 32, 32, 32)]}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,6 +124,9 @@ class DiffusionConfig:
     cache: Literal["none", "prefix", "dual"] = "none"
     # token ids never written at a masked position (LLaDA-V's sampler blocks eos/bos and its chat headers)
     blocked_token_ids: list[int] = field(default_factory=list)
+    # which tokens a training row labels (defend/data/label_rules.py): "answer" (the answer and its eos)
+    # or "llada_v" (LLaDA-V's SFT: template tokens everywhere, the assistant header, labelled padding)
+    labels: Literal["answer", "llada_v"] = "answer"
 
 
 @dataclass
@@ -598,7 +602,35 @@ def load_config(name_or_path: str | None, overrides: list[str] | tuple[str, ...]
         key, value = _parse_override(item)
         _set_dotted(data, key, value)
         cfg = _build(Config, data, "", f"override '{item}'")
-    return cfg
+    return with_model_settings(cfg, data)
+
+
+MODEL_SETTINGS_FILE = "defend_diffusion.json"  # written by `defend convert` beside the converted weights
+
+
+def with_model_settings(cfg: Config, data: dict) -> Config:
+    """A converted model's own settings (``model.path``/defend_diffusion.json: its family, mask id,
+    blocked tokens, label rule) fill every key that the config file and the command line leave unset."""
+    file = Path(cfg.model.path) / MODEL_SETTINGS_FILE if cfg.model.path else None
+    if file is None or not file.is_file():
+        return cfg
+    try:
+        settings = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{file}: unreadable ({err}); write it again with `defend convert`.") from err
+    for key, value in settings.items():
+        if "." in key and not _is_set(data, key):  # dotted keys are settings; the others describe the source
+            _set_dotted(data, key, value)
+    return _build(Config, data, "", str(file))
+
+
+def _is_set(data: dict, key: str) -> bool:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -165,10 +165,8 @@ def _llava_next(name: str, config: dict, pre: dict | None, log: dict) -> Any:
 
 
 def _llava_onevision(name: str, config: dict, pre: dict | None, log: dict) -> Any:
-    from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
-    from transformers.utils import is_torchvision_available
+    from transformers import LlavaOnevisionImageProcessorPil
 
-    from defend.models.image_only_processor import LlavaOnevisionImageOnlyProcessor
     from defend.models.tokenizer import IMAGE_TOKEN
 
     tokenizer = _tokenizer()
@@ -182,6 +180,16 @@ def _llava_onevision(name: str, config: dict, pre: dict | None, log: dict) -> An
     settings = {"num_image_tokens": (size // vision["patch_size"]) ** 2,
                 "vision_feature_select_strategy": config["vision_feature_select_strategy"],
                 "vision_aspect_ratio": config["vision_aspect_ratio"]}
+    return onevision_processor(image_processor, tokenizer, settings)
+
+
+def onevision_processor(image_processor: Any, tokenizer: Any, settings: dict[str, Any]) -> Any:
+    """LlavaOnevisionProcessor, or its image-only form where torchvision (its video processor's need) is absent."""
+    from transformers import LlavaOnevisionProcessor
+    from transformers.utils import is_torchvision_available
+
+    from defend.models.image_only_processor import LlavaOnevisionImageOnlyProcessor
+
     if is_torchvision_available():
         from transformers import LlavaOnevisionVideoProcessor
 
@@ -328,3 +336,31 @@ def overrides(path: str | Path, max_new_tokens: int = 2) -> list[str]:
     """``load_config`` overrides for a built folder: fp32, long enough rows for the real token counts."""
     return [f"model.path={path}", "model.family=mllm", "model.dtype=float32", "train.max_length=4096",
             f"eval.max_new_tokens={max_new_tokens}"]
+
+
+# ---- LLaDA-V (issue 18): its own format, through the converter's config mapping, built in memory ----
+
+LLADA_V_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def llada_v_real_shape(text_layers: int = 2, vision_layers: int = VISION_LAYERS, seed: int = 0) -> tuple[Any, Any, dict]:
+    """A random-init LLaDA-V in its published sizes (``real_configs/llada_v/config.reconstructed.json``:
+    4096 hidden, 12288 intermediate, 32 heads, vocab 126464; SigLIP so400m-384; anyres_max_4 over 36
+    pinpoints) as ``defend convert llada_v`` maps it, the language model cut to ``text_layers`` and the
+    tower to ``vision_layers``: the converted model, its processor (the tiny BPE plus LLaDA's template
+    tokens and ``<image>``, LLaDA-V's chat template) and the departures. In memory: the real-size
+    embedding and head alone are 4 GB in fp32."""
+    from defend.models.convert import CHAT_TEMPLATE, SO400M, image_processor, onevision_config, processor_settings
+
+    source = json.loads((FIXTURES / "llada_v" / "config.reconstructed.json").read_text())
+    log: dict[str, Any] = {}
+    _set(source, {"num_hidden_layers": text_layers}, "", log)
+    tokenizer = _tokenizer(extra_special_tokens={}, chat_template=CHAT_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": [*LLADA_V_TOKENS, "<image>"]})
+    vision = {**SO400M, "num_hidden_layers": vision_layers + 1}  # the converter drops the last layer
+    log["vision_config.num_hidden_layers"] = [SO400M["num_hidden_layers"] - 1, vision_layers]
+    config = onevision_config(source, vision, tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = random_init(config)
+    settings = {k: v for k, v in processor_settings(config).items() if k != "image_token"}
+    return model, onevision_processor(image_processor(config), tokenizer, settings), log

@@ -10,9 +10,9 @@ from typing import Any, Sequence
 
 import torch
 
+from defend.data.label_rules import IGNORE_INDEX, AnswerLabels
 from defend.data.samples import DataError, Sample
 
-IGNORE_INDEX = -100
 IMAGE_PADDING_ID = "__image_padding__"  # the id of the row that pads an image-free training batch
 # per-token processor outputs: padded, and extended over the response with these values
 TOKEN_KEYS = {"input_ids": None, "attention_mask": 1, "token_type_ids": 1, "mm_token_type_ids": 0}
@@ -56,8 +56,10 @@ class Collator:
         max_length: token budget of one row.
         with_response: append the response (and eos) and build ``labels``.
         padding_side: "right" for training, "left" for generation.
-        response_pad_to: pad every response with eos up to this many tokens (masked diffusion
-            trains on the same fixed answer length it samples with).
+        response_pad_to: pad every response up to this many tokens (masked diffusion trains on the
+            same fixed answer length it samples with).
+        label_rule: the label rule (``defend.data.label_rules``): what ends an answer, what pads it, which
+            prompt tokens are labelled; default: the answer plus eos.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class Collator:
         with_response: bool = True,
         padding_side: str = "right",
         response_pad_to: int | None = None,
+        label_rule: Any = None,
     ):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -74,6 +77,7 @@ class Collator:
         self.with_response = with_response
         self.padding_side = padding_side
         self.response_pad_to = response_pad_to
+        self.labels = label_rule or AnswerLabels(self.tokenizer)
 
     def _encode(self, sample: Sample) -> dict[str, torch.Tensor]:
         image = sample.load_image()
@@ -92,17 +96,15 @@ class Collator:
             )
         if self.with_response:
             response = self.tokenizer(sample.response, add_special_tokens=False)["input_ids"]
-            response = response[: self.max_length - prompt_len - 1] + [self.tokenizer.eos_token_id]
+            response = response[: self.max_length - prompt_len - 1] + [self.labels.end]
             if self.response_pad_to and len(response) < self.response_pad_to:
-                response += [self.tokenizer.eos_token_id] * (self.response_pad_to - len(response))
+                response += [self.labels.pad] * (self.response_pad_to - len(response))
             response_ids = torch.tensor(response, dtype=torch.long)
             for key, fill in TOKEN_KEYS.items():
                 if key in row:
                     tail = response_ids if fill is None else torch.full_like(response_ids, fill)
                     row[key] = torch.cat([row[key], tail.to(row[key].dtype)])
-            row["labels"] = torch.cat(
-                [torch.full((prompt_len,), IGNORE_INDEX, dtype=torch.long), response_ids]
-            )
+            row["labels"] = torch.cat([self.labels.prompt_labels(row["input_ids"][:prompt_len]), response_ids])
         return {**row, **extras}
 
     def image_padding_row(self) -> dict[str, torch.Tensor]:
@@ -118,6 +120,8 @@ class Collator:
             rows.append(self.image_padding_row())
         longest = max(r["input_ids"].shape[0] for r in rows)
         pad_values = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX}
+        if self.with_response and self.labels.label_padding:  # the padding is trained on, so attended
+            pad_values = {"input_ids": self.labels.pad, "labels": self.labels.pad, "attention_mask": 1}
         batch: dict[str, Any] = {}
         keys = list(dict.fromkeys(k for r in rows for k in r))  # text-only rows lack the image keys
         for key in keys:
@@ -133,6 +137,8 @@ class Collator:
                 batch[key] = padded
             else:
                 batch[key] = torch.cat(pad_crops(values), dim=0)
+        if self.with_response and len(rows) > len(samples):  # the image padding row stays unlabelled
+            batch["labels"][len(samples):] = IGNORE_INDEX
         batch["sample_ids"] = [s.id for s in samples]
         batch["image_rows"] = torch.tensor(["pixel_values" in r for r in rows])
         return batch

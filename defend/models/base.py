@@ -117,12 +117,15 @@ class VisionLanguageModel:
         table = self.model.get_input_embeddings()
         return table(torch.tensor([token_id], device=table.weight.device))[0]
 
+    def answer_end_ids(self) -> set[int]:
+        """The tokens an answer ends at."""
+        return {self.tokenizer.eos_token_id}
+
     def decode(self, tokens: torch.Tensor) -> list[str]:
-        """Text up to the first eos of each row."""
-        eos = self.tokenizer.eos_token_id
+        """Text up to the first token that ends an answer, in each row."""
+        ends = self.answer_end_ids()
         texts = []
         for row in tokens.tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
+            row = row[: next((i for i, t in enumerate(row) if t in ends), len(row))]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts

@@ -8,8 +8,10 @@ ships every one of those pieces, so the converted folder is a ``LlavaOnevisionFo
 whose text config is a ``LlamaConfig`` with ``is_causal: false``, and everything else in defend
 (the architecture adapter, the vision-token seam, ZeRO-3's sharded ``from_pretrained``, peft,
 QLoRA) works on it unchanged, with no modeling code of ours to keep in step with the paper's.
-What is LLaDA-V's own (the mask id, the tokens its sampler never writes, its prompt format) goes
-into ``defend_diffusion.json`` beside the weights, as the ``diffusion.*`` settings to run it with.
+What is LLaDA-V's own (the mask id, the tokens its sampler never writes, its SFT label rule) goes
+into ``defend_diffusion.json`` beside the weights: the settings every run on the folder starts from
+(``defend.config.with_model_settings``; the config file and the command line override them); its
+prompt format is the converted tokenizer's chat template.
 Parity with the authors' code: ``tests/models/test_llada_v.py`` (fixtures in tests/fixtures/llada_v).
 """
 from __future__ import annotations
@@ -138,7 +140,8 @@ def convert_llada_v(source: str | Path, target: str | Path, vision_config: str |
         write_json(tmp / "defend_diffusion.json", {
             "model.family": "mdlm", "diffusion.mask_token_id": LLADA_MASK_ID,
             "diffusion.blocked_token_ids": LLADA_V_BLOCKED_IDS, "diffusion.inverse_t_weight": True,
-            "diffusion.shifted_logits": False, "source": str(source), "source_model_type": "llava_llada"})
+            "diffusion.shifted_logits": False, "diffusion.labels": "llada_v",
+            "source": str(source), "source_model_type": "llava_llada"})
         for extra in ("generation_config.json", "preprocessor_config.json"):
             if (source / extra).is_file():
                 shutil.copy(source / extra, tmp / extra)
@@ -146,20 +149,30 @@ def convert_llada_v(source: str | Path, target: str | Path, vision_config: str |
 
 
 def save_image_processor(folder: Path, config: Any) -> None:
-    """LLaVA-OneVision's image processor with LLaDA-V's preprocessing: SigLIP's 0.5 mean/std, bicubic,
-    the anyres grid, the base view first; and the processor settings (729 tokens per 384 px crop)."""
-    from transformers import LlavaOnevisionImageProcessor
-
+    """LLaDA-V's image processor and processor settings, as ``from_pretrained`` reads them."""
     from defend.atomic import write_json
 
+    image_processor(config).save_pretrained(folder)
+    write_json(folder / "processor_config.json",
+               {"processor_class": "LlavaOnevisionProcessor", **processor_settings(config)})
+
+
+def image_processor(config: Any) -> Any:
+    """LLaVA-OneVision's image processor with LLaDA-V's preprocessing: SigLIP's 0.5 mean/std, bicubic,
+    the anyres grid, the base view first."""
+    from transformers import LlavaOnevisionImageProcessor
+
     side = config.vision_config.image_size
-    LlavaOnevisionImageProcessor(
+    return LlavaOnevisionImageProcessor(
         size={"height": side, "width": side}, image_grid_pinpoints=config.image_grid_pinpoints,
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resample=3, do_pad=True).save_pretrained(folder)
-    write_json(folder / "processor_config.json", {
-        "processor_class": "LlavaOnevisionProcessor", "image_token": "<image>",
-        "num_image_tokens": (side // config.vision_config.patch_size) ** 2,
-        "vision_feature_select_strategy": "full", "vision_aspect_ratio": config.vision_aspect_ratio})
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resample=3, do_pad=True)
+
+
+def processor_settings(config: Any) -> dict[str, Any]:
+    """LlavaOnevisionProcessor's arguments: 729 tokens per 384 px crop, every patch kept, anyres_max_N."""
+    side = config.vision_config.image_size
+    return {"image_token": "<image>", "num_image_tokens": (side // config.vision_config.patch_size) ** 2,
+            "vision_feature_select_strategy": "full", "vision_aspect_ratio": config.vision_aspect_ratio}
 
 
 def load_tokenizer(folder: Path) -> Any | None:

@@ -6,12 +6,14 @@ DiSP masks vision tokens).
 """
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 import torch
 
 from defend.config import ConfigError
 from defend.data.collate import IGNORE_INDEX, Collator
+from defend.data.label_rules import label_rule
 from defend.models.base import VisionLanguageModel
 from defend.models.diffusion_loss import diffusion_noise
 from defend.models.scoring import ResponseScores, response_start
@@ -38,9 +40,16 @@ class MaskedDiffusionVLM(VisionLanguageModel):
             )
         self.mask_token_id = mask_id
 
+    @cached_property
+    def label_rule(self):
+        return label_rule(self.cfg.diffusion.labels, self.tokenizer)
+
     def train_collator(self) -> Collator:
         return Collator(self.processor, self.cfg.train.max_length, with_response=True,
-                        response_pad_to=self.cfg.diffusion.gen_length)
+                        response_pad_to=self.cfg.diffusion.gen_length, label_rule=self.label_rule)
+
+    def answer_end_ids(self) -> set[int]:
+        return {self.tokenizer.eos_token_id, self.label_rule.end}
 
     def score(self, batch: dict[str, Any], model: torch.nn.Module | None = None, views: int = 1) -> ResponseScores:
         """The LLaDA SFT loss's forward: one noise draw for view 0's rows, shared by every view (same

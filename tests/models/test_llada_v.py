@@ -158,24 +158,81 @@ def test_defend_convert_writes_the_folder_and_prints_how_to_run_it(published, co
     assert main(["convert", "llada_v", str(tmp_path / "m"), str(tmp_path / "again")]) == 2  # not a LLaDA-V folder
 
 
-def test_a_converted_llada_v_folder_fine_tunes_and_evaluates_with_masking(published, tmp_path):
-    """The published layout end to end through the CLI recipes (a stand-in tokenizer: the fixture's
-    mirror has none; ids past the tiny vocabulary are LLaDA's own)."""
-    import shutil
+LLADA_TOKENS = {"<|startoftext|>": 126080, "<|endoftext|>": 126081, "<|start_header_id|>": 126346,
+                "<|end_header_id|>": 126347, "<|eot_id|>": 126348}
 
+
+def stand_in_tokenizer():
+    """The tiny BPE tokenizer plus LLaDA's chat-template tokens as special tokens (the fixture mirrors
+    no tokenizer; LLaDA's own has these tokens, at the ids in LLADA_TOKENS)."""
     from defend.config import TinyConfig
     from defend.models.tiny_components import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(TinyConfig(), extra_special_tokens={}, chat_template=None)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(LLADA_TOKENS)})
+    return tokenizer
+
+
+def test_the_llada_v_label_rule_reproduces_the_reference_rows(reference):
+    """preprocess_llada's labels (the fixture's rows): on each recorded generation prompt the rule labels
+    exactly the reference's positions, and the answer after it is labelled whole, ending with <|eot_id|>."""
+    from defend.data.label_rules import LladaVLabels
+
+    tokenizer = stand_in_tokenizer()
+    rule = LladaVLabels(tokenizer)
+    ours = {llada: tokenizer.convert_tokens_to_ids(token) for token, llada in LLADA_TOKENS.items()}
+    for row in reference[2]["rows"]:
+        ids = torch.tensor([ours.get(t, t) for t in row["input_ids"]])
+        expected = torch.tensor([ours.get(t, t) for t in row["labels"]])
+        prompt = len(row["gen_prompt"])
+        labels = rule.prompt_labels(torch.where(ids[:prompt] == -200, 0, ids[:prompt]))
+        assert torch.equal(labels, expected[:prompt])
+        assert torch.equal(expected[prompt:], ids[prompt:]) and int(ids[-1]) == rule.end
+
+
+def test_a_converted_llada_v_folder_fine_tunes_and_evaluates_with_its_own_settings(published, tmp_path):
+    """The published layout end to end through the CLI recipes, with nothing but model.path: the
+    converted folder's defend_diffusion.json gives family, mask id, blocked tokens and label rule; the
+    training rows are labelled as LLaDA-V labels them."""
+    import shutil
+
+    from defend.config import load_config
+    from defend.data.samples import Sample
+    from defend.models.loading import load_pretrained
     from recipes.evaluate import recipe_main as evaluate
     from recipes.finetune import recipe_main as finetune
 
     source = tmp_path / "LLaDA-V"
     shutil.copytree(published, source)
-    tokenizer = tiny_tokenizer(TinyConfig(), extra_special_tokens={}, chat_template=None)
-    tokenizer.save_pretrained(source)
+    stand_in_tokenizer().save_pretrained(source)
     target = convert_llada_v(source, tmp_path / "converted", vision_config=FIXTURE / "siglip_tiny" / "config.json")
-    run = [f"model.path={target}", "model.family=mdlm", "diffusion.mask_token_id=126336",
-           f"diffusion.blocked_token_ids={LLADA_V_BLOCKED_IDS}".replace(" ", ""), "train.max_length=512",
-           "diffusion.gen_length=4", "diffusion.steps=4", "diffusion.block_length=4"]
+    run = [f"model.path={target}", "train.max_length=512", "diffusion.gen_length=6", "diffusion.steps=6",
+           "diffusion.block_length=6"]
+    cfg = load_config("finetune_tiny_mdlm", run)
+    d = cfg.diffusion
+    assert (cfg.model.family, d.mask_token_id, d.blocked_token_ids, d.labels) == (
+        "mdlm", 126336, LLADA_V_BLOCKED_IDS, "llada_v")
+    assert load_config("finetune_tiny_mdlm", [*run, "diffusion.labels=answer"]).diffusion.labels == "answer"
+
+    model, processor = load_pretrained(cfg)
+    vlm = MaskedDiffusionVLM(model, processor, cfg)
+    from PIL import Image
+
+    sample = Sample(id="a", image=Image.new("RGB", (40, 30), "red"), prompt="what color", response="red")
+    longer = Sample(id="b", image=Image.new("RGB", (40, 30), "red"), prompt="what color is it here", response="red")
+    batch = vlm.train_collator()([sample, longer])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    token = vlm.tokenizer.convert_tokens_to_ids
+    labelled = vlm.tokenizer.convert_ids_to_tokens(ids[labels != -100].tolist())
+    answer = vlm.tokenizer("red", add_special_tokens=False)["input_ids"]
+    header = ["<|start_header_id|>", *vlm.tokenizer.tokenize("assistant"), "<|end_header_id|>",
+              *vlm.tokenizer.tokenize("\n\n")]
+    pad = batch["input_ids"].shape[1] - (ids != token("<|endoftext|>")).sum().item()  # row 0 is the shorter
+    assert labelled == (["<|startoftext|>"] + ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"] * 2 + header
+                        + vlm.tokenizer.convert_ids_to_tokens(answer) + ["<|eot_id|>"] + ["<|endoftext|>"] * pad)
+    assert pad > 6 - len(answer) - 1 and batch["attention_mask"].all()  # batch padding is labelled and attended
+    assert vlm.decode(torch.tensor([[*answer, token("<|eot_id|>"), answer[0]]])) == ["red"]  # stops at <|eot_id|>
+
     trained = finetune(load_config("finetune_tiny_mdlm", [*run, "dataset.max_samples=4", "train.micro_batch_size=2",
                                                            "train.max_steps=2", f"output_dir={tmp_path / 'ft'}"]))
     assert trained["steps"] == 2
