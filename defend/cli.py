@@ -95,31 +95,24 @@ def cmd_cp(args: argparse.Namespace) -> None:
     print(f"copied {source.name} -> {dest}")
 
 
-def check_model(cfg) -> None:
-    """A real checkpoint's folder, architecture and adapter, without loading it (a tiny one is not built)."""
-    from defend.models.tiny import TINY_PATH
+def validate(cfg) -> None:
+    """Every check of defend.validation, before any work: errors raise, warnings go to stderr."""
+    from defend.validation import validate_config
 
-    if cfg.model.path and cfg.model.path != TINY_PATH:
-        from defend.models.loading import check_model_files
-
-        check_model_files(cfg)
+    for warning in validate_config(cfg):
+        print(f"defend: warning: {warning}", file=sys.stderr)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
-    from defend.engine.ds_config import check_combination, load_ds_config
-
-    from defend.objectives import objective_names
-
-    check_combination(cfg, load_ds_config(cfg.deepspeed))
-    objective_names(cfg)
-    check_model(cfg)
+    validate(cfg)
     print(dump_config(cfg), end="")
     print(f"# {args.config}: valid")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    validate(cfg)  # the launcher's ranks (launcher=none) check again, at their world size
     if cfg.launcher == "none":
         load_recipe_main(resolve_recipe(args.recipe))(cfg)
         return 0
@@ -150,9 +143,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from defend.models.convert import convert_llada_v
+    from defend.models.convert_lavida import convert_lavida_dream
 
-    target = convert_llada_v(args.source, args.target, vision_config=args.vision_config,
-                             image_token_id=args.image_token_id)
+    converter = {"llada_v": convert_llada_v, "lavida_dream": convert_lavida_dream}[args.kind]
+    target = converter(args.source, args.target, vision_config=args.vision_config, image_token_id=args.image_token_id)
     settings = json.loads((target / "defend_diffusion.json").read_text())
     overrides = " ".join(f"{k}={json.dumps(v).replace(' ', '')}" for k, v in settings.items() if "." in k)
     print(f"converted {args.source} -> {target}\nrun it with: model.path={target} {overrides}")
@@ -186,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=cmd_submit)
     convert = sub.add_parser("convert", help="turn a checkpoint that needs its authors' package into a"
                                              " standard transformers folder (once)")
-    convert.add_argument("kind", choices=["llada_v"])
+    convert.add_argument("kind", choices=["llada_v", "lavida_dream"])
     convert.add_argument("source", help="the published folder (config.json + safetensors + tokenizer)")
     convert.add_argument("target", help="the folder to write")
     convert.add_argument("--vision-config", help="a SigLIP config.json when the tower is not so400m-384")
@@ -227,7 +221,9 @@ def recipe_entry(recipe_main: Callable) -> None:
     args, extra = parse_with_overrides(parser, None)
     args.overrides = list(args.overrides) + extra
     try:
-        recipe_main(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg)
+        recipe_main(cfg)
     except USER_ERRORS as err:
         print(f"defend: error: {err}", file=sys.stderr)
         sys.exit(2)
