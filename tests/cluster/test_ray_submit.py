@@ -1,9 +1,14 @@
 """`defend submit ray` to a real Ray head (`ray start --head`, dashboard on 127.0.0.1): a copied
-recipe and config travel in the working dir, logs stream back, the exit status is the job's."""
+recipe and config travel in the working dir, logs stream back, the exit status is the job's, and
+a stopped training job saves before it ends."""
+import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +76,27 @@ def test_a_failing_job_returns_its_exit_status_and_bad_submissions_fail_before_s
     no_api = submit(tmp_path, "finetune", "--config", "finetune_tiny_mllm", f"output_dir={tmp_path / 'run'}",
                     "ray.address=auto")
     assert no_api.returncode == 2 and "needs the cluster's job API" in no_api.stderr
+
+
+def test_stopping_a_submitted_training_job_lets_the_driver_save_and_stop_instead_of_ray_killing_it(ray_head, tmp_path):
+    """Ray's job supervisor SIGKILLs a stopped job's driver RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM
+    (3 s by default); `defend submit ray` raises that, so the driver outlives its workers' save and exits."""
+    out = tmp_path / "run"
+    client = subprocess.Popen([sys.executable, "-m", "defend.cli", "submit", "ray", "finetune", "--config",
+                               "finetune_tiny_mllm", *SMALL_RUN, "launcher=ray", "nproc=2", "train.max_steps=400",
+                               f"output_dir={out}", f"ray.address={ray_head}", f"ray.job_python={sys.executable}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=RAY_ENV)
+    deadline = time.monotonic() + 300
+    while not ((out / "train_log.jsonl").is_file() and (out / "train_log.jsonl").read_text().count("\n") >= 2):
+        assert client.poll() is None and time.monotonic() < deadline, client.communicate()[0][-3000:]
+        time.sleep(0.05)
+    client.send_signal(signal.SIGTERM)
+    streamed, _ = client.communicate(timeout=300)
+    assert client.returncode == 75, streamed[-3000:]
+    (checkpoint,) = (out / "checkpoints").glob("step_*")
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    assert 2 <= step < 400 and not (out / "adapter").exists()
+    job_id = re.search(r"submitted Ray job (\S+)", streamed).group(1)
+    logs = subprocess.run([RAY, "job", "logs", job_id, f"--address={ray_head}"], capture_output=True, text=True,
+                          timeout=120, env=RAY_ENV, check=False).stdout
+    assert f"SIGTERM received: stopped after step {step}" in logs, logs[-3000:]  # the driver's own last words
