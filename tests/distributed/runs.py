@@ -29,3 +29,14 @@ def finetune(out: Path, *overrides: str, **kwargs) -> subprocess.CompletedProces
 def losses(out: Path) -> dict[int, float]:
     """Per-step losses of a run logged with train.log_every=1."""
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())}
+
+
+def write_rows(path: Path, n: int) -> list[str]:
+    """``n`` easy-vqa test questions as a jsonl training set (id, image path, prompt, response); their ids."""
+    from defend.config import load_config
+    from defend.data import load_samples
+
+    samples = load_samples(load_config(None, ["dataset.split=test", f"dataset.max_samples={n}"]).dataset)
+    path.write_text("".join(json.dumps({"id": s.id, "image": str(s.image), "prompt": s.prompt,
+                                        "response": s.response}) + "\n" for s in samples))
+    return [s.id for s in samples]

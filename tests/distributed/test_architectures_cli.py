@@ -9,18 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from defend.config import load_config
-from defend.data import load_samples
 from defend.models.archs import TINY_ARCHS
 from tests.conftest import TINY_TEST_OVERRIDES
-from tests.distributed.runs import defend, finetune
-
-
-def write_rows(path: Path, n: int) -> list[str]:
-    samples = load_samples(load_config(None, ["dataset.split=test", f"dataset.max_samples={n}"]).dataset)
-    path.write_text("".join(json.dumps({"id": s.id, "image": str(s.image), "prompt": s.prompt,
-                                        "response": s.response}) + "\n" for s in samples))
-    return [s.id for s in samples]
+from tests.distributed.runs import defend, finetune, write_rows
 
 
 @pytest.fixture(scope="module")

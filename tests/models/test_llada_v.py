@@ -190,53 +190,96 @@ def test_the_llada_v_label_rule_reproduces_the_reference_rows(reference):
         assert torch.equal(expected[prompt:], ids[prompt:]) and int(ids[-1]) == rule.end
 
 
-def test_a_converted_llada_v_folder_fine_tunes_and_evaluates_with_its_own_settings(published, tmp_path):
-    """The published layout end to end through the CLI recipes, with nothing but model.path: the
-    converted folder's defend_diffusion.json gives family, mask id, blocked tokens and label rule; the
-    training rows are labelled as LLaDA-V labels them."""
+@pytest.fixture(scope="module")
+def runnable(published, tmp_path_factory) -> Path:
+    """The published layout with a stand-in tokenizer, converted as a user converts it: a folder that
+    ``model.path=`` alone runs."""
     import shutil
 
-    from defend.config import load_config
-    from defend.data.samples import Sample
-    from defend.models.loading import load_pretrained
-    from recipes.evaluate import recipe_main as evaluate
-    from recipes.finetune import recipe_main as finetune
-
-    source = tmp_path / "LLaDA-V"
+    source = tmp_path_factory.mktemp("llada_v_user") / "LLaDA-V"
     shutil.copytree(published, source)
     stand_in_tokenizer().save_pretrained(source)
-    target = convert_llada_v(source, tmp_path / "converted", vision_config=FIXTURE / "siglip_tiny" / "config.json")
-    run = [f"model.path={target}", "train.max_length=512", "diffusion.gen_length=6", "diffusion.steps=6",
-           "diffusion.block_length=6"]
+    return convert_llada_v(source, source.parent / "converted", vision_config=FIXTURE / "siglip_tiny" / "config.json")
+
+
+RUN = ["train.max_length=512", "diffusion.gen_length=6", "diffusion.steps=6", "diffusion.block_length=6"]
+
+
+def test_a_converted_folder_runs_on_its_own_settings_and_labels_rows_as_llada_v(runnable):
+    """model.path alone: the folder's defend_diffusion.json gives family, mask id, blocked tokens and label
+    rule (an explicit key still wins); the training rows are labelled as LLaDA-V labels them."""
+    from PIL import Image
+
+    from defend.data.samples import Sample
+    from defend.models.loading import load_pretrained
+
+    run = [f"model.path={runnable}", *RUN]
     cfg = load_config("finetune_tiny_mdlm", run)
     d = cfg.diffusion
     assert (cfg.model.family, d.mask_token_id, d.blocked_token_ids, d.labels) == (
         "mdlm", 126336, LLADA_V_BLOCKED_IDS, "llada_v")
     assert load_config("finetune_tiny_mdlm", [*run, "diffusion.labels=answer"]).diffusion.labels == "answer"
 
-    model, processor = load_pretrained(cfg)
-    vlm = MaskedDiffusionVLM(model, processor, cfg)
-    from PIL import Image
-
-    sample = Sample(id="a", image=Image.new("RGB", (40, 30), "red"), prompt="what color", response="red")
-    longer = Sample(id="b", image=Image.new("RGB", (40, 30), "red"), prompt="what color is it here", response="red")
-    batch = vlm.train_collator()([sample, longer])
+    vlm = MaskedDiffusionVLM(*load_pretrained(cfg), cfg)
+    image = Image.new("RGB", (40, 30), "red")
+    batch = vlm.train_collator()([Sample(id="a", image=image, prompt="what color", response="red"),
+                                  Sample(id="b", image=image, prompt="what color is it here", response="red")])
     ids, labels = batch["input_ids"][0], batch["labels"][0]
-    token = vlm.tokenizer.convert_tokens_to_ids
-    labelled = vlm.tokenizer.convert_ids_to_tokens(ids[labels != -100].tolist())
-    answer = vlm.tokenizer("red", add_special_tokens=False)["input_ids"]
-    header = ["<|start_header_id|>", *vlm.tokenizer.tokenize("assistant"), "<|end_header_id|>",
-              *vlm.tokenizer.tokenize("\n\n")]
-    pad = batch["input_ids"].shape[1] - (ids != token("<|endoftext|>")).sum().item()  # row 0 is the shorter
+    tokenizer = vlm.tokenizer
+    labelled = tokenizer.convert_ids_to_tokens(ids[labels != -100].tolist())
+    answer = tokenizer("red", add_special_tokens=False)["input_ids"]
+    header = ["<|start_header_id|>", *tokenizer.tokenize("assistant"), "<|end_header_id|>", *tokenizer.tokenize("\n\n")]
+    pads = int((ids == tokenizer.convert_tokens_to_ids("<|endoftext|>")).sum())  # row 0 is the shorter one
     assert labelled == (["<|startoftext|>"] + ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"] * 2 + header
-                        + vlm.tokenizer.convert_ids_to_tokens(answer) + ["<|eot_id|>"] + ["<|endoftext|>"] * pad)
-    assert pad > 6 - len(answer) - 1 and batch["attention_mask"].all()  # batch padding is labelled and attended
-    assert vlm.decode(torch.tensor([[*answer, token("<|eot_id|>"), answer[0]]])) == ["red"]  # stops at <|eot_id|>
+                        + tokenizer.convert_ids_to_tokens(answer) + ["<|eot_id|>"] + ["<|endoftext|>"] * pads)
+    assert pads > 6 - len(answer) - 1 and batch["attention_mask"].all()  # batch padding is labelled and attended
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert vlm.decode(torch.tensor([[*answer, eot, answer[0]]])) == ["red"]  # an answer ends at <|eot_id|>
 
-    trained = finetune(load_config("finetune_tiny_mdlm", [*run, "dataset.max_samples=4", "train.micro_batch_size=2",
-                                                           "train.max_steps=2", f"output_dir={tmp_path / 'ft'}"]))
-    assert trained["steps"] == 2
-    metrics = evaluate(load_config("evaluate_tiny_mdlm", [*run, f"model.adapter={trained['saved']}",
-                                                           "dataset.max_samples=4", "eval.max_samples=4",
-                                                           "purify.mask_ratio=0.45", f"output_dir={tmp_path / 'ev'}"]))
-    assert metrics["n"] == 4
+
+def test_qlora_quantizes_a_converted_folder_and_trains_lora(runnable):
+    import bitsandbytes as bnb
+
+    from defend.data import load_samples
+    from defend.models import load_model
+    from defend.models.lora import apply_lora, language_model_linear_names
+
+    cfg = load_config("finetune_tiny_mdlm", [f"model.path={runnable}", *RUN, "quant.load_in_4bit=true",
+                                             "dataset.max_samples=2"])
+    vlm = load_model(cfg)
+    modules = dict(vlm.model.named_modules())
+    assert all(isinstance(modules[n], bnb.nn.Linear4bit) for n in language_model_linear_names(vlm.model))
+    vlm.model = apply_lora(vlm.model, cfg.lora, quantized=True)
+    vlm.loss(vlm.train_collator()(load_samples(cfg.dataset))).backward()
+    grads = [p.grad for n, p in vlm.model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_zero3_on_two_ranks_masked_evaluate_and_the_disp_chain_run_from_the_cli(runnable, tmp_path):
+    """As a DiSP user runs LLaDA-V: fine-tune a victim under ZeRO-3 on 2 ranks, evaluate it with DiSP's
+    masking, then `defend run disp` (purify on Ray, recovery fine-tune, evaluate) with nothing but
+    model.path naming the model."""
+    from tests.distributed.runs import defend, write_rows
+
+    model = [f"model.path={runnable}", *RUN]
+    defend("run", "finetune", "--config", "finetune_tiny_mdlm", *model, "launcher=torchrun", "nproc=2",
+           "deepspeed=zero3", "train.max_steps=2", "dataset.max_samples=8", "train.micro_batch_size=2",
+           "train.log_every=1", f"output_dir={tmp_path / 'victim'}")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "victim" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    adapter = f"model.adapter={tmp_path / 'victim' / 'adapter'}"
+    defend("run", "evaluate", "--config", "evaluate_tiny_mdlm", *model, adapter, "purify.mask_ratio=0.45",
+           "dataset.max_samples=4", "eval.max_samples=4", f"output_dir={tmp_path / 'evaluate'}")
+    assert json.loads((tmp_path / "evaluate" / "metrics.json").read_text())["n"] == 4
+
+    rows = tmp_path / "rows.jsonl"
+    ids = write_rows(rows, 6)
+    later = json.dumps(["train.max_steps=2", "train.micro_batch_size=2", *RUN]).replace(" ", "")
+    defend("run", "disp", "--config", "disp_demo", *model, adapter, f"dataset.path={rows}", "purify.actors=1",
+           "purify.block_size=3", "purify.batch_size=3", "eval.max_new_tokens=6", f"disp.finetune_overrides={later}",
+           f"disp.evaluate_overrides={json.dumps([*RUN, 'eval.max_samples=4']).replace(' ', '')}",
+           f"output_dir={tmp_path / 'disp'}", timeout=600)
+    purified = [json.loads(line) for line in (tmp_path / "disp" / "purify" / "data" / "train.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in purified] == ids and all(isinstance(r["response"], str) for r in purified)
+    summary = json.loads((tmp_path / "disp" / "disp.json").read_text())
+    assert summary["finetune"]["steps"] == 2 and summary["evaluate"]["n"] == 4
