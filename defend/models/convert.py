@@ -108,8 +108,9 @@ def convert_llada_v(source: str | Path, target: str | Path, vision_config: str |
 
     source, target = Path(source), Path(target)
     config = json.loads((source / "config.json").read_text())
-    if config.get("model_type") != "llava_llada" or "mm_hidden_size" not in config:
-        raise ConfigError(f"{source}/config.json: not a LLaDA-V folder (model_type llava_llada with mm_* keys).")
+    from defend.models.convert_lavida import refuse_other_kind
+
+    refuse_other_kind(source, config, "llada_v")  # by its fields: LaViDa's LLaDA variant is llava_llada too
     vision = dict(SO400M)
     if vision_config:
         given = json.loads(Path(vision_config).read_text())

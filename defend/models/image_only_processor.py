@@ -45,6 +45,7 @@ IMAGE_ONLY = {
     "llava_onevision": (LlavaOnevisionImageOnlyProcessor,
                         ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio")),
 }
+IMAGE_ONLY["lavida"] = IMAGE_ONLY["llava_onevision"]  # LLaVA-OneVision's processor (defend convert lavida_dream)
 
 
 def image_only_processor(path: str | Path, model_type: str, trust_remote_code: bool) -> Any | None:

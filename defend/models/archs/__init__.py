@@ -13,6 +13,7 @@ from defend.models.archs.base import AnyResArchitecture, Architecture
 from defend.models.archs.blip2 import Blip2
 from defend.models.archs.gemma3 import Gemma3
 from defend.models.archs.idefics3 import Idefics3
+from defend.models.archs.lavida import Lavida
 from defend.models.archs.llava import Llava
 from defend.models.archs.llava_next import LlavaNext
 from defend.models.archs.llava_onevision import LlavaOneVision
@@ -29,6 +30,7 @@ ARCHITECTURES: dict[str, type[Architecture]] = {
     "paligemma": PaliGemma,
     "gemma3": Gemma3,
     "idefics3": Idefics3,
+    "lavida": Lavida,
 }
 TINY_ARCHS = {cls.tiny_arch: cls for cls in ARCHITECTURES.values() if cls.tiny_arch}
 

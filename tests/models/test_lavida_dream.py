@@ -1,0 +1,286 @@
+"""LaViDa-Dream from its published format, against the outputs its authors' own code recorded
+(tests/fixtures/lavida_dream: a tiny random-init checkpoint in LaViDa-Dream's exact format, the
+reference run with its pinned transformers 4.50.3). The folder is converted once (``defend convert
+lavida_dream``) and loaded as the ``lavida`` architecture: LLaVA-OneVision with pooled crops over a
+bidirectional Qwen2 decoder whose position i-1 scores token i (shifted logits)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from defend.config import ConfigError, load_config
+from defend.models.convert_lavida import DREAM_MASK_ID, convert_lavida_dream
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "lavida_dream"
+LLADA_V = Path(__file__).parents[1] / "fixtures" / "llada_v"
+IMAGE_TOKEN = 151700  # an unused row of Dream's vocabulary
+PAD = 1000  # an all-zero embedding row: the reference pads spliced rows with zero vectors and attends to them
+EOS = 151643
+IMAGES = ["square_40x40", "wide_40x80"]  # row 0's and row 1's image (the prompts' too)
+SETTINGS = ["s8_g8_maskgit_plus", "s4_g8_topk_margin", "s8_g8_entropy", "s8_g8_topk_margin_prefix",
+            "s4_g8_maskgit_plus_prefix"]
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> Path:
+    """The tiny checkpoint as LaViDa's code saved it, rebuilt (sha256-checked) into a temp folder."""
+    folder = tmp_path_factory.mktemp("lavida") / "lavida-dream"
+    shutil.copytree(FIXTURE / "checkpoint", folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    done = subprocess.run([sys.executable, str(FIXTURE / "expand_checkpoint.py"), str(folder)], check=True,
+                          capture_output=True, text=True)
+    assert json.loads(done.stdout)["byte_identical"]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def converted(published, tmp_path_factory) -> Path:
+    return convert_lavida_dream(published, tmp_path_factory.mktemp("lavida") / "model",
+                                vision_config=FIXTURE / "siglip_tiny" / "config.json", image_token_id=IMAGE_TOKEN)
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[dict, dict, dict]:
+    return (load_file(FIXTURE / "inputs.safetensors"), load_file(FIXTURE / "expected.safetensors"),
+            json.loads((FIXTURE / "expected.json").read_text()))
+
+
+def settings_of(folder: Path) -> list[str]:
+    """The converted folder's defend_diffusion.json as overrides."""
+    saved = json.loads((folder / "defend_diffusion.json").read_text())
+    return [f"{k}={json.dumps(v).replace(' ', '')}" for k, v in saved.items() if k.startswith(("diffusion.", "model."))]
+
+
+@pytest.fixture(scope="module")
+def vlm(converted):
+    from transformers import AutoModelForImageTextToText
+
+    from defend.models.archs import check_model_folder
+    from defend.models.diffusion import MaskedDiffusionVLM
+
+    assert check_model_folder(converted, "mdlm") == "lavida"
+    model = AutoModelForImageTextToText.from_pretrained(converted, dtype=torch.float32)  # as defend's loader does
+    model.eval()
+    return MaskedDiffusionVLM(model, None, load_config(None, settings_of(converted)))
+
+
+def batch_of(reference, rows: list[list[int]], images: list[str], length: int | None = None) -> dict:
+    """Our batch for the reference's rows: -200 expanded to its image's token count, right-padded with the
+    zero-embedding id, everything attended (as LaViDa's forward runs), the reference's own pixel tensors."""
+    inputs, _, meta = reference
+    counts = {name: span["n_image_tokens"] for name, span in zip(IMAGES, meta["spans"])}
+    ids = []
+    for row, name in zip(rows, images):
+        at = row.index(-200)
+        ids.append(row[:at] + [IMAGE_TOKEN] * counts[name] + row[at + 1:])
+    length = length or max(map(len, ids))
+    crops = [inputs[f"pixel_values.{name}"] for name in images]
+    most = max(c.shape[0] for c in crops)
+    pixels = torch.stack([torch.cat([c, c.new_zeros(most - c.shape[0], *c.shape[1:])]) for c in crops])
+    sizes = torch.stack([inputs[f"image_size.{name}"] for name in images]).flip(-1)  # PIL (w, h) -> (h, w)
+    return {"input_ids": torch.tensor([r + [PAD] * (length - len(r)) for r in ids]),
+            "attention_mask": torch.ones(len(ids), length, dtype=torch.long), "pixel_values": pixels,
+            "image_sizes": sizes}
+
+
+def test_the_converted_folder_is_a_lavida_folder_with_dream_settings(converted):
+    config = json.loads((converted / "config.json").read_text())
+    assert config["model_type"] == "lavida" and config["crop_pool_mode"] == "bilinear"
+    assert config["text_config"]["model_type"] == "qwen2" and config["text_config"]["is_causal"] is False
+    assert config["vision_config"]["num_hidden_layers"] == 2  # the reference drops the tower's last layer
+    assert config["vision_aspect_ratio"] == "anyres_max_4"  # LaViDa's anyres: the largest grid, never shrunk
+    processor = json.loads((converted / "processor_config.json").read_text())
+    assert processor["num_image_tokens"] == 9  # 5x5 patches pooled to 3x3
+    settings = json.loads((converted / "defend_diffusion.json").read_text())
+    assert settings["diffusion.mask_token_id"] == DREAM_MASK_ID and settings["diffusion.blocked_token_ids"] == []
+    assert settings["diffusion.shifted_logits"] is True and settings["diffusion.complementary_mask"] is True
+    assert settings["diffusion.inverse_t_weight"] is False
+
+
+def test_each_converter_refuses_the_other_kind_naming_it(published, tmp_path):
+    from defend.models.convert import convert_llada_v
+
+    with pytest.raises(ConfigError, match="LaViDa-Dream.*defend convert lavida_dream"):
+        convert_llada_v(published, tmp_path / "a")
+    with pytest.raises(ConfigError, match="LLaDA-V.*defend convert llada_v"):
+        convert_lavida_dream(LLADA_V / "checkpoint", tmp_path / "b")
+    lavida_llada = tmp_path / "lavida-llada"  # LaViDa's LLaDA variant: llava_llada with LLaDA's own config fields
+    lavida_llada.mkdir()
+    (lavida_llada / "config.json").write_text(json.dumps(
+        {"model_type": "llava_llada", "d_model": 4096, "n_layers": 32, "mm_hidden_size": 1152}))
+    for convert in (convert_llada_v, convert_lavida_dream):
+        with pytest.raises(ConfigError, match="LaViDa-LLaDA"):
+            convert(lavida_llada, tmp_path / "c")
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_vision_tokens_and_logits_equal_the_reference(vlm, reference):
+    inputs, expected, meta = reference
+    batch = batch_of(reference, inputs["input_ids"].tolist(), IMAGES, length=expected["inputs_embeds"].shape[1])
+    tokens = vlm.vision_tokens(batch)
+    assert tokens.counts == [25, 30]  # 3x3 base + the pooled grid unpadded (4x3 / 3x6) with its newline tokens
+    image = batch["input_ids"] == IMAGE_TOKEN
+    # tower, projector, bilinear pooling of every crop, anyres unpadding, newline tokens: to float32 ulps
+    assert torch.allclose(tokens.features, expected["inputs_embeds"][image], atol=1e-6)
+    active = expected["active_ids"]
+    with torch.no_grad():
+        logits = vlm.model(**batch).logits
+        decoder = vlm.model.model.language_model  # from the reference's own embeddings: the text model alone
+        exact = vlm.model.lm_head(decoder(inputs_embeds=expected["inputs_embeds"],
+                                          attention_mask=batch["attention_mask"]).last_hidden_state)
+    assert (exact[..., active] - expected["logits_active"]).abs().max() < 1e-5
+    assert (logits[..., active] - expected["logits_active"]).abs().max() < 1e-4
+    inactive = torch.ones(logits.shape[-1], dtype=torch.bool)
+    inactive[active] = False
+    assert logits[..., inactive].abs().max() == 0  # the zero rows of the compact checkpoint
+
+
+def test_an_unpadded_grid_equals_the_reference(vlm, reference):
+    """A 56x40 image on the 2x1 grid: its pooled 3x6 grid keeps 4 of 6 columns."""
+    inputs, expected, meta = reference
+    prompt = inputs["gen_prompt_ids.0"][0].tolist()
+    at = prompt.index(-200)
+    n = meta["extra.extra_40x56.n_image_tokens"]
+    ids = torch.tensor([prompt[:at] + [IMAGE_TOKEN] * n + prompt[at + 1:]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "pixel_values": inputs["pixel_values.extra_40x56"][None],
+             "image_sizes": inputs["image_size.extra_40x56"].flip(-1)[None]}
+    with torch.no_grad():
+        logits = vlm.model(**batch).logits
+    assert (logits[..., expected["active_ids"]] - expected["extra.extra_40x56.logits_active"]).abs().max() < 1e-4
+
+
+def test_the_sft_loss_equals_the_reference_for_its_noise_draw(vlm, reference):
+    """LaViDa-Dream's loss for the same draw: t ~ U(b) then U(b, L) from the global generator (our
+    diffusion_noise's order), the response masked and its complement as a second copy, no 1/t weight,
+    every <|endoftext|> pad a target, and Dream's shifted cross entropy averaged over the batch's targets.
+    Both rows have 10 targets, so our per-row average is that mean (README: the difference otherwise)."""
+    from defend.models.diffusion_loss import diffusion_noise
+
+    inputs, expected, meta = reference
+    rows = inputs["input_ids"].tolist()
+    batch = batch_of(reference, rows, IMAGES, length=expected["spliced_labels"].shape[1])
+    labels = expected["spliced_labels"].clone()
+    labels[batch["input_ids"] == EOS] = EOS  # LaViDa's forward: pads are attended and become targets
+    batch["labels"] = labels
+    batch["image_rows"] = torch.tensor([True, True])
+    d = vlm.cfg.diffusion
+    torch.manual_seed(meta["loss"]["seed"])
+    noise = diffusion_noise(batch["input_ids"], labels != -100, DREAM_MASK_ID, eps=d.eps,
+                            inverse_t_weight=d.inverse_t_weight, complementary_mask=d.complementary_mask)
+    assert torch.equal(noise.noisy == DREAM_MASK_ID, expected["loss.final_masked_indices"].bool())
+    torch.manual_seed(meta["loss"]["seed"])
+    with torch.no_grad():
+        loss = vlm.score(batch).task_loss()
+    assert abs(loss.item() - meta["loss"]["value"]) < 1e-5 * meta["loss"]["value"], (loss.item(), meta["loss"])
+
+
+def dream_sample(logits_of, gen_length: int, steps: int, alg: str, first: int | None = None, eps: float = 1e-3,
+                 top_k: int = 50):
+    """DreamGenerationMixin._sample at temperature 0 (LaViDa's llava/model/language_model/dream/
+    generation_utils.py): one block, int(masks * (1 - s/t)) tokens per step on linspace(1, eps) times,
+    probabilities over the top_k logits (50: the model config's legacy default, which
+    DreamGenerationConfig.from_model_config picks up), confidence = max prob (maskgit_plus), top1 - top2
+    (topk_margin) or -entropy; returns x and its history."""
+    x = torch.full((1, gen_length), DREAM_MASK_ID)
+    if first is not None:
+        x[:, 0] = first
+    steps = min(steps, gen_length)
+    times = torch.linspace(1, eps, steps + 1)
+    history = []
+    for i in range(steps):
+        masked = x == DREAM_MASK_ID
+        logits = logits_of(x)[masked]
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[..., -1:], torch.finfo(logits.dtype).min)
+        probs = torch.softmax(logits, dim=-1)
+        confidence, x0 = probs.max(dim=-1)
+        if alg == "topk_margin":
+            top = probs.sort(dim=-1, descending=True).values
+            confidence = top[:, 0] - top[:, 1]
+        elif alg == "entropy":
+            confidence = (probs * torch.log(probs + 1e-10)).sum(-1)
+        count = int(masked.sum() * (1 - times[i + 1] / times[i])) if i < steps - 1 else int(masked.sum())
+        if count > 0:
+            chosen = torch.topk(confidence, count).indices
+            fill = torch.full_like(x0, DREAM_MASK_ID)
+            fill[chosen] = x0[chosen]
+            x[masked] = fill
+        history.append(x.clone())
+    return x, torch.stack(history, 1)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_dreams_sampler_on_our_model_gives_the_references_tokens(vlm, reference, setting):
+    """LaViDa-Dream decodes with Dream's sampler, not LLaDA's block-wise one (README: what differs), so its
+    steps are replayed here on our converted model: every step's committed tokens equal the reference's.
+    ``prefix_lm`` (eval/run_dream.sh): the prompt is encoded alone once, its last position's argmax is the
+    first answer token, and the answer then attends to that cache."""
+    from transformers import DynamicCache
+
+    inputs, expected, meta = reference
+    model = vlm.model
+    for row, image in enumerate(IMAGES):
+        s = meta["generation"][str(row)][setting]["settings"]
+        batch = batch_of(reference, [inputs[f"gen_prompt_ids.{row}"][0].tolist()], [image])
+        P, G = batch["input_ids"].shape[1], s["max_new_tokens"]
+        with torch.no_grad():
+            if s["prefix_lm"]:
+                cache = DynamicCache()
+                first = model(**batch, cache=cache, use_cache=True).logits[:, -1].argmax(-1).item()
+
+                def logits_of(x):
+                    out = model(input_ids=x, attention_mask=torch.ones(1, P + G, dtype=torch.long),
+                                position_ids=torch.arange(P, P + G)[None], cache=cache, use_cache=True).logits
+                    cache.crop(-G)  # keep the prompt only
+                    return torch.cat([out[:, :1], out[:, :-1]], 1)
+            else:
+                first = None
+
+                def logits_of(x):
+                    out = model(**{**batch, "input_ids": torch.cat([batch["input_ids"], x], 1),
+                                   "attention_mask": torch.ones(1, P + G, dtype=torch.long)}).logits
+                    return out[:, P - 1: P + G - 1]  # shifted: position i-1 scores token i
+
+            tokens, history = dream_sample(logits_of, G, s["steps"], s["alg"], first, top_k=meta["generation_config"]["top_k"])
+        assert torch.equal(history, expected[f"gen.{row}.{setting}.history"]), (row, setting)
+        assert tokens[0].tolist() == meta["generation"][str(row)][setting]["tokens"], (row, setting)
+
+
+def test_defend_convert_lavida_dream_writes_the_folder_and_prints_how_to_run_it(published, converted, tmp_path, capsys):
+    from defend.cli import main
+
+    assert main(["convert", "lavida_dream", str(published), str(tmp_path / "m"),
+                 "--vision-config", str(FIXTURE / "siglip_tiny" / "config.json"),
+                 "--image-token-id", str(IMAGE_TOKEN)]) == 0
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == (converted / "model.safetensors").read_bytes()
+    assert "diffusion.shifted_logits=true" in capsys.readouterr().out
+    assert main(["convert", "lavida_dream", str(tmp_path / "m"), str(tmp_path / "again")]) == 2  # already converted
+
+
+def test_a_converted_lavida_dream_folder_fine_tunes_and_evaluates_with_masking(published, tmp_path):
+    """The published layout end to end through the CLI recipes and defend's loader (a stand-in tokenizer:
+    the fixture has none; ids past the tiny vocabulary are Dream's own)."""
+    from defend.config import TinyConfig
+    from defend.models.tiny_components import tiny_tokenizer
+    from recipes.evaluate import recipe_main as evaluate
+    from recipes.finetune import recipe_main as finetune
+
+    source = tmp_path / "lavida-dream"
+    shutil.copytree(published, source)
+    tiny_tokenizer(TinyConfig(), extra_special_tokens={}, chat_template=None).save_pretrained(source)
+    target = convert_lavida_dream(source, tmp_path / "converted", vision_config=FIXTURE / "siglip_tiny" / "config.json")
+    run = [f"model.path={target}", *settings_of(target), "train.max_length=512",
+           "diffusion.gen_length=4", "diffusion.steps=4", "diffusion.block_length=4"]
+    trained = finetune(load_config("finetune_tiny_mdlm", [*run, "dataset.max_samples=2", "train.micro_batch_size=2",
+                                                           "train.max_steps=1", f"output_dir={tmp_path / 'ft'}"]))
+    assert trained["steps"] == 1
+    metrics = evaluate(load_config("evaluate_tiny_mdlm", [*run, f"model.adapter={trained['saved']}",
+                                                           "dataset.max_samples=2", "eval.max_samples=2",
+                                                           "purify.mask_ratio=0.45", f"output_dir={tmp_path / 'ev'}"]))
+    assert metrics["n"] == 2
