@@ -85,14 +85,15 @@ def real_shape(args) -> dict:
     from tests.real_shapes import llada_v_real_shape
 
     model, processor, departures = llada_v_real_shape()
-    model.eval()
+    model.to(getattr(torch, args.dtype)).eval()
     cfg = load_config(None, ["model.family=mdlm", "diffusion.mask_token_id=126336", "train.max_length=8192"])
     vlm = MaskedDiffusionVLM(model, processor, cfg)
     photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee()]
     samples = [Sample(id=str(i), image=Image.fromarray(p).resize((384, 384)), prompt="What is in the image?",
                       response="") for i, p in enumerate(photos[: args.samples])]
     prompt_tokens = vlm.generate_collator()(samples[:1])["input_ids"].shape[1]
-    return {"model": "LLaDA-V real shape (random init, LM 2 of 32 layers, tower 2 of 26)", "departures": departures,
+    return {"model": "LLaDA-V real shape (random init, LM 2 of 32 layers, tower 2 of 26)", "dtype": args.dtype,
+            "departures": departures,
             "prompt_tokens": prompt_tokens,
             "speed": speed(vlm, samples, 1, args.gen_lengths, args.repeats, args.steps, warm_up=False)}
 
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--agreement-block", type=int, default=8)
     parser.add_argument("--real-shape", action="store_true", help="LLaDA-V's published sizes (see above)")
     parser.add_argument("--gen-lengths", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--dtype", default="bfloat16", help="--real-shape: the published bfloat16, or float32")
     parser.add_argument("--steps", type=int, help="steps per answer (default: gen_length, one token a step)")
     parser.add_argument("--out", default="bench/diffusion_cache.json")
     args = parser.parse_args()

@@ -5,6 +5,8 @@ crash or power loss; a folder replaces an existing one in one atomic exchange (L
 ``renameat2(RENAME_EXCHANGE)``), so readers see the old folder or the new one, never neither. Outputs
 get the permissions of an ordinary file or folder under the process umask (temp files are created
 private, 0600/0700, and opened up before the rename), so a group can share a project directory.
+Temp names carry their writer's host and pid (``.<name>.<host>-<pid>.<random>.tmp``): what a killed
+writer left behind is removed by the next folder write there (``clear_leftovers``).
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,10 +36,43 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def _owner() -> str:
+    """This process, as temp names carry it: host and pid (a leftover of a dead process can go)."""
+    return f"{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())}-{os.getpid()}"
+
+
+def temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_owner()}."
+
+
+def clear_leftovers(folder: str | Path) -> list[Path]:
+    """Remove the temp files and folders that processes of this host left in ``folder`` when they were
+    killed mid-write (their pid is gone); returns what was removed. Live writers' temps stay."""
+    host = _owner().rsplit("-", 1)[0]
+    removed = []
+    for item in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else []:
+        found = re.search(rf"\.{re.escape(host)}-(\d+)\.[^.]*\.tmp$", item.name)
+        if not found or _alive(int(found.group(1))):
+            continue
+        shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink(missing_ok=True)
+        removed.append(item)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
 def write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
@@ -81,10 +118,12 @@ def exchange(a: Path, b: Path) -> bool:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside ``path``; on success it replaces ``path`` whole, durably."""
+    """Yield a temp folder beside ``path``; on success it replaces ``path`` whole, durably. What killed
+    writes left beside it before is cleared first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    clear_leftovers(path.parent)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~current_umask())
     try:
         yield tmp

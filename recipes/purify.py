@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from defend.atomic import atomic_dir, write_json
+from defend.atomic import atomic_dir, clear_leftovers, write_json
 from defend.config import Config, ConfigError
 from defend.data.manifest import file_sizes
 from defend.data.writing import sha256_file
@@ -127,6 +127,8 @@ def recipe_main(cfg: Config) -> dict:
     log = start_run(cfg, "purify")
     out = Path(cfg.output_dir)
     check_resumable(out, shard_settings(cfg))
+    for leftover in clear_leftovers(out / "shards"):
+        log.info("removed %s, left by a killed write", leftover.name)
     todo = []
     for block in blocks:
         problem = verify_block(out, block)

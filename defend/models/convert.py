@@ -143,9 +143,8 @@ def convert_llada_v(source: str | Path, target: str | Path, vision_config: str |
             "diffusion.blocked_token_ids": LLADA_V_BLOCKED_IDS, "diffusion.inverse_t_weight": True,
             "diffusion.shifted_logits": False, "diffusion.labels": "llada_v",
             "source": str(source), "source_model_type": "llava_llada"})
-        for extra in ("generation_config.json", "preprocessor_config.json"):
-            if (source / extra).is_file():
-                shutil.copy(source / extra, tmp / extra)
+        if (source / "generation_config.json").is_file():  # its image processor is not kept: ours is anyres
+            shutil.copy(source / "generation_config.json", tmp / "generation_config.json")
     return target
 
 

@@ -199,6 +199,8 @@ def runnable(published, tmp_path_factory) -> Path:
     source = tmp_path_factory.mktemp("llada_v_user") / "LLaDA-V"
     shutil.copytree(published, source)
     stand_in_tokenizer().save_pretrained(source)
+    # a SigLIP processor config beside the weights (as a hub folder may hold) must not replace the anyres one
+    (source / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "SiglipImageProcessor"}))
     return convert_llada_v(source, source.parent / "converted", vision_config=FIXTURE / "siglip_tiny" / "config.json")
 
 
@@ -214,6 +216,8 @@ def test_a_converted_folder_runs_on_its_own_settings_and_labels_rows_as_llada_v(
     from defend.models.loading import load_pretrained
 
     run = [f"model.path={runnable}", *RUN]
+    processor = json.loads((runnable / "preprocessor_config.json").read_text())["image_processor_type"]
+    assert processor.startswith("LlavaOnevisionImageProcessor")
     cfg = load_config("finetune_tiny_mdlm", run)
     d = cfg.diffusion
     assert (cfg.model.family, d.mask_token_id, d.blocked_token_ids, d.labels) == (

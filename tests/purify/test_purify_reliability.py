@@ -105,6 +105,40 @@ def test_a_torn_truncated_or_corrupt_shard_is_refused_by_name_and_redone_on_resu
     assert [verify_block(out, b) for b in plan_blocks(changed, 3)] == [None, "its input rows changed"]
 
 
+def test_a_merge_killed_midway_leaves_no_data_and_the_rerun_completes_it(finished, tmp_path):
+    """SIGKILL inside the merge, after train.jsonl is written and before the manifest: no data/ appears
+    (the merge writes a temp folder swapped in whole), the next merge clears the killed one's temp
+    folder and writes data/ that its manifest verifies."""
+    import multiprocessing
+    import os
+    import shutil
+    import signal
+
+    import recipes.purify as purify
+    from defend.data.manifest import verify_data_folder
+
+    source, out, _ = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "data")
+    blocks = plan_blocks(source, 3)
+
+    def killed_at_the_manifest():
+        purify.write_json = lambda path, data: os.kill(os.getpid(), signal.SIGKILL)
+        purify.assemble(copy, blocks, {"source": str(source)}, "id")
+
+    child = multiprocessing.get_context("fork").Process(target=killed_at_the_manifest)
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    left = list(copy.glob(".data.*.tmp"))
+    assert not (copy / "data").exists() and len(left) == 1 and (left[0] / "train.jsonl").is_file()
+    purify.assemble(copy, blocks, {"source": str(source)}, "id")
+    assert not list(copy.glob(".data.*.tmp"))
+    verify_data_folder(copy / "data", "purify output", uses=["train.jsonl"])
+    assert (copy / "data" / "train.jsonl").read_bytes() == (out / "data" / "train.jsonl").read_bytes()
+
+
 def test_no_usable_row_and_an_empty_input_fail_instead_of_writing_empty_sets(tmp_path):
     from recipes.purify import recipe_main
 
