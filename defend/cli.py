@@ -149,7 +149,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     target = converter(args.source, args.target, vision_config=args.vision_config, image_token_id=args.image_token_id)
     settings = json.loads((target / "defend_diffusion.json").read_text())
     overrides = " ".join(f"{k}={json.dumps(v).replace(' ', '')}" for k, v in settings.items() if "." in k)
-    print(f"converted {args.source} -> {target}\nrun it with: model.path={target} {overrides}")
+    print(f"converted {args.source} -> {target}\nrun it with: model.path={target}\n(its defend_diffusion.json"
+          f" supplies {overrides}; a config file or the command line may override any of them)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,6 +92,21 @@ def test_the_converted_folder_is_a_standard_onevision_model_with_llada_v_setting
     assert settings["diffusion.mask_token_id"] == 126336 and settings["diffusion.blocked_token_ids"] == LLADA_V_BLOCKED_IDS
 
 
+def test_the_converted_image_processor_gives_the_reference_pixels(converted, reference):
+    """LLaDA-V's process_images (anyres_max_4: the base view, then the crops of the best pinpoint) on the
+    raw images, against the converted folder's processor: the same crops, bit for bit (a 1x1, a 2x1 and
+    a 3x3 grid)."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(converted)
+    inputs = reference[0]
+    for name in ("square_32x32", "wide_32x64", "extra_32x48", "extra_72x96"):
+        got = processor(images=[Image.fromarray(inputs[f"raw_image.{name}"].numpy(), "RGB")], return_tensors="pt")
+        assert torch.equal(got["pixel_values"][0], inputs[f"pixel_values.{name}"]), name
+        assert got["image_sizes"][0].tolist() == inputs[f"image_size.{name}"].flip(0).tolist()  # (h, w) vs PIL (w, h)
+
+
 def test_merged_embeddings_and_logits_equal_the_reference(vlm, reference):
     inputs, expected, meta = reference
     rows = inputs["input_ids"].tolist()  # the collated rows: EOS-padded to the batch's longest, as LLaDA-V pads
