@@ -96,10 +96,14 @@ class TrainConfig:
     max_length: int = 512
     grad_clip: float = 1.0
     log_every: int = 10
+    # where the per-log-step metrics go (rank 0): jsonl (train_log.jsonl), tensorboard (output_dir/tensorboard),
+    # wandb (offline unless WANDB_MODE says otherwise); defend/engine/reporting.py; [] for none
+    report_to: list[str] | str = field(default_factory=lambda: ["jsonl"])
     freeze_vision_tower: bool = False  # full training: keep the vision encoder as it is (LLaVA-style)
-    # checkpoints (DeepSpeed engine, data position, RNG) under output_dir/checkpoints every N steps;
-    # SIGTERM/SIGUSR1 also save one and stop (preemption); null: only on a signal
-    save_every: int | None = None
+    # checkpoints (DeepSpeed engine, data position, RNG) under output_dir/checkpoints every N steps
+    # (a LoRA run's are its trainable state: small); SIGTERM/SIGUSR1 also save one and stop (preemption,
+    # under torchrun, DeepSpeed and Ray Train alike); null: only on a signal (a killed node loses the run)
+    save_every: int | None = 500
     keep_checkpoints: int = 2  # rotation: the newest N stay
     # "auto": continue from the newest checkpoint in output_dir if there is one; "never"; or a
     # checkpoint folder (output_dir/checkpoints/step_NNNNNN)
@@ -404,6 +408,8 @@ class SlurmConfig:
 class Config:
     output_dir: str = "runs/default"
     seed: int = 0
+    # off a terminal (a batch job's log): seconds between progress lines of evaluations, purifications (defend/progress.py)
+    heartbeat_s: float = 60.0
     model: ModelConfig = field(default_factory=ModelConfig)
     tiny: TinyConfig = field(default_factory=TinyConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
