@@ -8,6 +8,12 @@ Here (CPU, a shrunk copy of the same config, the same code path, < 1 min):
 
     python bench/gpu_check.py --smoke --out /tmp/gpu_check.json
 
+``--model llada_v``: the same stages on LLaDA-V's published shape (issue 18; ``tests/real_shapes.py``
+``llada_v_real_shape``: LLaDA-8B's 32 layers of 4096, vocab 126464, SigLIP so400m-384 as LLaDA-V keeps
+it, anyres_max_4; one 384 px image = the base view + 1 crop = 1485 vision tokens), as the masked-
+diffusion family runs it: the sampler (``--new-tokens`` steps, one token a step, blocks of 32,
+``--cache``), DiSP's masked generation, and the LLaDA SFT loss under LoRA (LLaDA-V's label rule).
+
 Random weights at the published shape: ``tests/fixtures/real_configs/llava_1_5/config.json`` (CLIP
 ViT-L/14-336 tower, 2-layer MLP projector) with the text model as Vicuna-7B (hidden 4096, 32 layers,
 32 heads, intermediate 11008, vocab 32064, 4096 positions), bf16, sdpa attention, built directly on
@@ -66,6 +72,9 @@ SMOKE_TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, nu
                   intermediate_size=128, vocab_size=32064, max_position_embeddings=4096)
 SMOKE_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                     image_size=112, patch_size=14)
+# --model llada_v --smoke: LLaDA-V's layout shrunk (vocab, image size and pinpoints kept)
+SMOKE_LLADA_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+SMOKE_LLADA_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity), first match of the device name wins
@@ -225,14 +234,37 @@ def build_model(config, device: torch.device, dtype: torch.dtype):
     return model.eval().requires_grad_(False)
 
 
-def bench_config(args):
+def bench_config(args, *extra: str):
     from defend.config import load_config
 
     return load_config(None, [
         "model.dtype=bfloat16", f"eval.max_new_tokens={args.new_tokens}", f"train.max_length={args.seq_len}",
         f"train.micro_batch_size={args.train_batch}", "train.grad_accum=1", "train.lr=1e-4",
-        "train.warmup_ratio=0.0", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
+        "train.warmup_ratio=0.0", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", *extra,
     ])
+
+
+def build_llada_v(args, device: torch.device, dtype: torch.dtype):
+    """LLaDA-V at its published shape (or shrunk, --smoke), built on ``device``, as the masked-diffusion
+    family with the settings ``defend convert llada_v`` writes."""
+    sys.path.insert(0, str(ROOT))  # tests/ of this tree
+    from defend.models.convert import LLADA_MASK_ID, LLADA_V_BLOCKED_IDS
+    from defend.models.diffusion import MaskedDiffusionVLM
+    from tests.real_shapes import llada_v_real_shape
+
+    log(f"building {'shrunk' if args.smoke else 'LLaDA-V-8B-shape'} model on {device} (bf16, sdpa)")
+    shape = (dict(text_layers=2, vision_layers=2, sizes=SMOKE_LLADA_TEXT, vision_sizes=SMOKE_LLADA_VISION)
+             if args.smoke else dict(text_layers=32, vision_layers=26))
+    (model, processor, _), seconds = timed(lambda: llada_v_real_shape(**shape, device=device, dtype=dtype), device)
+    model.eval().requires_grad_(False)
+    block = min(32, args.new_tokens)
+    cfg = bench_config(args, "model.family=mdlm", f"diffusion.mask_token_id={LLADA_MASK_ID}",
+                       f"diffusion.blocked_token_ids={json.dumps(LLADA_V_BLOCKED_IDS).replace(' ', '')}",
+                       "diffusion.labels=llada_v", f"diffusion.gen_length={args.new_tokens}",
+                       f"diffusion.steps={args.new_tokens}", f"diffusion.block_length={block}",
+                       f"diffusion.cache={args.cache}")
+    return MaskedDiffusionVLM(model, processor, cfg), processor.tokenizer, "tiny_tokenizer + LLaDA tokens", \
+        model.config, seconds
 
 
 def param_counts(model) -> dict[str, int]:
@@ -257,10 +289,10 @@ def param_counts(model) -> dict[str, int]:
 
 def train_flops(counts: dict[str, int], config, rows: int, seq: int, kept: int, images: int,
                 lora_params: int) -> dict[str, float]:
-    """FLOPs of one LoRA step (``FLOPS_FORMULA``), by part."""
+    """FLOPs of one LoRA step (``FLOPS_FORMULA``), by part; ``images``: tower inputs (anyres: crops)."""
     text, vis = config.text_config, config.vision_config
     patches = (vis.image_size // vis.patch_size) ** 2
-    t = patches + 1
+    t = patches + int(config.model_type == "llava")  # CLIP's CLS token (SigLIP has none)
     parts = {
         "decoder_linear": 4.0 * counts["lm_decoder_linear_params"] * rows * seq,
         "lora": 6.0 * lora_params * rows * seq,
@@ -366,9 +398,12 @@ def stage_generate(ctx) -> dict[str, Any]:
     finally:
         handle.remove()
     seconds = sum(times) / len(times)
-    new_tokens = forwards[0]  # the last call's: prefill gives token 1, each later forward one more
+    # autoregressive: the last call's forwards (prefill gives token 1, each later forward one more);
+    # masked diffusion: every answer position is written (gen_length), in ``steps`` forwards
+    new_tokens = args.new_tokens if vlm.family == "mdlm" else forwards[0]
     return {"batch": args.gen_batch, "prompt_tokens": int(batch["input_ids"].shape[1]),
-            "max_new_tokens": args.new_tokens, "new_tokens_per_row": new_tokens, "timed_calls": len(times),
+            "max_new_tokens": args.new_tokens, "new_tokens_per_row": new_tokens, "forwards": forwards[0],
+            "timed_calls": len(times),
             "batch_s": round(seconds, 5), "tokens_per_s": round(args.gen_batch * new_tokens / seconds, 3),
             "samples_per_s": round(args.gen_batch / seconds, 4), "peak_memory_gb": peak_memory_gb(device)}
 
@@ -489,8 +524,10 @@ def stage_train(ctx) -> dict[str, Any]:
     batch = train_batch(vlm, args, device, ctx["dtype"])
     rows, seq = batch["input_ids"].shape
     kept = int((batch["labels"] != -100).sum())  # response tokens, where vlm.loss keeps logits
-    images = int(batch["pixel_values"].shape[0])
-    out: dict[str, Any] = {"batch": rows, "seq_len": seq, "images": images, "response_tokens": kept}
+    pixels = batch["pixel_values"]
+    images = int(pixels.shape[0])
+    crops = int(pixels.shape[0] * pixels.shape[1]) if pixels.dim() == 5 else images  # anyres: every crop
+    out: dict[str, Any] = {"batch": rows, "seq_len": seq, "images": images, "crops": crops, "response_tokens": kept}
     if seq != args.seq_len:
         out["note"] = f"rows are {seq} tokens (asked {args.seq_len})"
 
@@ -519,7 +556,7 @@ def stage_train(ctx) -> dict[str, Any]:
     reset_peak(device)
     times = repeat_timed(step, device, args.warmup, args.train_steps, ctx["budget"], f"train[{out['engine']}]")
     seconds = sum(times) / len(times)
-    flops = train_flops(ctx["counts"], ctx["config"], rows, seq, kept, images, lora_params)
+    flops = train_flops(ctx["counts"], ctx["config"], rows, seq, kept, crops, lora_params)
     peak = ctx["peak_tflops"]
     achieved = flops["total"] / seconds / 1e12
     out.update(
@@ -545,6 +582,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     p.add_argument("--engine", choices=("auto", "deepspeed", "torch"), default="auto")
     p.add_argument("--stages", default="generate,purify,train")
+    p.add_argument("--model", choices=("llava_1_5", "llada_v"), default="llava_1_5")
+    p.add_argument("--cache", choices=("none", "prefix", "dual"), default="prefix",
+                   help="--model llada_v: the sampler's KV cache (diffusion.cache)")
     p.add_argument("--train-batch", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--train-steps", type=int, default=None, help="timed steps after the warm-up")
@@ -558,6 +598,8 @@ def parse_args(argv=None):
                      repeats=1, warmup=1) if args.smoke else
                 dict(train_batch=4, seq_len=1024, train_steps=8, gen_batch=8, new_tokens=32, purify_batch=8,
                      repeats=3, warmup=2))
+    if args.model == "llada_v":  # a 384 px image is 1485 vision tokens (+27 newlines)
+        defaults["seq_len"] = 1800 if args.smoke else 2048
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -642,19 +684,23 @@ def main(argv=None) -> int:
     ctx: dict[str, Any] = {"args": args, "device": device, "dtype": dtype, "budget": budget,
                            "peak_tflops": result["peak_tflops"]}
     try:
-        from defend.models.autoregressive import AutoregressiveVLM
+        if args.model == "llada_v":
+            vlm, tokenizer, source, config, seconds = build_llada_v(args, device, dtype)
+            model = vlm.model
+        else:
+            from defend.models.autoregressive import AutoregressiveVLM
 
-        tokenizer, source = build_tokenizer()
-        config = model_config(args.smoke, tokenizer)
-        processor = build_processor(tokenizer, config)
+            tokenizer, source = build_tokenizer()
+            config = model_config(args.smoke, tokenizer)
+            processor = build_processor(tokenizer, config)
+            log(f"building {'shrunk' if args.smoke else 'LLaVA-1.5-7B-shape'} model on {device} (bf16, sdpa)")
+            model, seconds = timed(lambda: build_model(config, device, dtype), device)
+            vlm = AutoregressiveVLM(model, processor, bench_config(args))
         args.image_size = config.vision_config.image_size
-        log(f"building {'shrunk' if args.smoke else 'LLaVA-1.5-7B-shape'} model on {device} (bf16, sdpa)")
-        model, seconds = timed(lambda: build_model(config, device, dtype), device)
         counts = param_counts(model)
-        cfg = bench_config(args)
-        vlm = AutoregressiveVLM(model, processor, cfg)
-        ctx.update(vlm=vlm, cfg=cfg, config=config, counts=counts)
-        result["model"] = {"build_s": round(seconds, 2), "tokenizer": source, "tokenizer_size": len(tokenizer),
+        ctx.update(vlm=vlm, cfg=vlm.cfg, config=config, counts=counts)
+        result["model"] = {"name": args.model, "family": vlm.family, "build_s": round(seconds, 2),
+                           "tokenizer": source, "tokenizer_size": len(tokenizer),
                            "attn_implementation": model.config._attn_implementation, "dtype": str(dtype),
                            "image_tokens": (config.vision_config.image_size // config.vision_config.patch_size) ** 2,
                            "text": {k: getattr(config.text_config, k) for k in VICUNA_7B},

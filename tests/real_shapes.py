@@ -275,7 +275,7 @@ def edited_config(name: str) -> tuple[dict[str, Any], Any, dict[str, Any]]:
     return config, processor, log
 
 
-def random_init(config: Any) -> torch.nn.Module:
+def random_init(config: Any, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """``AutoModelForImageTextToText.from_config``'s model with each weight drawn once: from_config runs
     torch's default init and then the model's own ``_init_weights`` over every parameter, and inits a
     tied output head apart from its embedding; on 150k-257k vocabularies that is most of a build."""
@@ -283,7 +283,7 @@ def random_init(config: Any) -> torch.nn.Module:
     from transformers.initialization import no_init_weights
 
     with no_init_weights():  # torch's init and init_weights skipped: the parameters are bare torch.empty
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     for key in getattr(model, "all_tied_weights_keys", {}):  # overwritten by tie_weights anyway
         model.get_parameter(key)._is_hf_initialized = True
     model.init_weights()  # the model's own _init_weights on every module, then the ties
@@ -343,24 +343,29 @@ def overrides(path: str | Path, max_new_tokens: int = 2) -> list[str]:
 LLADA_V_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
-def llada_v_real_shape(text_layers: int = 2, vision_layers: int = VISION_LAYERS, seed: int = 0) -> tuple[Any, Any, dict]:
+def llada_v_real_shape(text_layers: int = 2, vision_layers: int = VISION_LAYERS, seed: int = 0,
+                       sizes: dict[str, Any] | None = None, vision_sizes: dict[str, Any] | None = None,
+                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, Any, dict]:
     """A random-init LLaDA-V in its published sizes (``real_configs/llada_v/config.reconstructed.json``:
     4096 hidden, 12288 intermediate, 32 heads, vocab 126464; SigLIP so400m-384; anyres_max_4 over 36
     pinpoints) as ``defend convert llada_v`` maps it, the language model cut to ``text_layers`` and the
-    tower to ``vision_layers``: the converted model, its processor (the tiny BPE plus LLaDA's template
-    tokens and ``<image>``, LLaDA-V's chat template) and the departures. In memory: the real-size
-    embedding and head alone are 4 GB in fp32."""
+    tower to ``vision_layers`` (``sizes`` / ``vision_sizes``: other keys changed too, as a shrunk smoke
+    copy needs), built on ``device`` in ``dtype``: the converted model, its processor (the tiny BPE plus
+    LLaDA's template tokens and ``<image>``, LLaDA-V's chat template) and the departures. In memory:
+    the real-size embedding and head alone are 4 GB in fp32."""
     from defend.models.convert import CHAT_TEMPLATE, SO400M, image_processor, onevision_config, processor_settings
 
     source = json.loads((FIXTURES / "llada_v" / "config.reconstructed.json").read_text())
     log: dict[str, Any] = {}
-    _set(source, {"num_hidden_layers": text_layers}, "", log)
+    _set(source, {"num_hidden_layers": text_layers, **(sizes or {})}, "", log)
     tokenizer = _tokenizer(extra_special_tokens={}, chat_template=CHAT_TEMPLATE)
     tokenizer.add_special_tokens({"additional_special_tokens": [*LLADA_V_TOKENS, "<image>"]})
-    vision = {**SO400M, "num_hidden_layers": vision_layers + 1}  # the converter drops the last layer
+    vision = {**SO400M, **(vision_sizes or {}), "num_hidden_layers": vision_layers + 1}  # the converter drops one
+    log.update({f"vision_config.{k}": [SO400M[k], v] for k, v in (vision_sizes or {}).items() if SO400M.get(k) != v})
     log["vision_config.num_hidden_layers"] = [SO400M["num_hidden_layers"] - 1, vision_layers]
     config = onevision_config(source, vision, tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(seed)
-    model = random_init(config)
+    with torch.device(device):
+        model = random_init(config, dtype)
     settings = {k: v for k, v in processor_settings(config).items() if k != "image_token"}
     return model, onevision_processor(image_processor(config), tokenizer, settings), log

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES = {
     "model": ["total_params", "lm_params", "lm_matmul_params", "lm_head_params", "vision_params", "build_s"],
@@ -21,11 +23,12 @@ def positive_finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def test_gpu_check_smoke(tmp_path):
+@pytest.mark.parametrize("model", ["llava_1_5", "llada_v"])
+def test_gpu_check_smoke(tmp_path, model):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
            "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--smoke", "--out", str(out)],
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--smoke", "--model", model, "--out", str(out)],
                          check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -50,5 +53,10 @@ def test_gpu_check_smoke(tmp_path):
     assert train["flops_parts"]["total"] == train["flops_per_step"]
     assert result["generate"]["new_tokens_per_row"] <= result["args"]["new_tokens"]
     assert result["model"]["attn_implementation"] == "sdpa"
-    assert result["model"]["text"]["vocab_size"] == 32064
+    if model == "llada_v":  # the masked-diffusion family at LLaDA-V's layout: 1485 vision tokens, every answer slot
+        assert result["model"]["family"] == "mdlm" and result["model"]["text"]["vocab_size"] == 126464
+        assert result["generate"]["prompt_tokens"] > 1485 and result["train"]["crops"] == 2 * train["batch"]
+        assert result["generate"]["new_tokens_per_row"] == result["args"]["new_tokens"]
+    else:
+        assert result["model"]["text"]["vocab_size"] == 32064
     assert "smoke=True" in run.stdout and "MFU" in run.stdout
