@@ -21,8 +21,8 @@ from pathlib import Path
 
 from defend.atomic import write_text
 from defend.config import Config, ConfigError, dump_config
+from defend.shipped import SLURM_DIR, require
 
-SLURM_DIR = Path(__file__).resolve().parents[1] / "slurm"
 TEMPLATES = ("train_deepspeed", "ray_cluster", "purify_ray")
 
 
@@ -33,7 +33,7 @@ def template_path(recipe: str, cfg: Config) -> Path:
         name = ("purify_ray" if stem == "purify" else
                 "ray_cluster" if stem == "disp" or cfg.launcher == "ray" else "train_deepspeed")
     if name in TEMPLATES:
-        return SLURM_DIR / f"{name}.sbatch"
+        return require(SLURM_DIR, f"slurm.template={name}") / f"{name}.sbatch"
     if Path(name).is_file():
         return Path(name)
     raise ConfigError(f"slurm.template: '{name}' is neither a shipped template ({', '.join(TEMPLATES)}, auto)"

@@ -8,15 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from defend.config import Config, ConfigError
-
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+from defend.shipped import DS_CONFIG_DIR, require
 
 
 def load_ds_config(name_or_path: str) -> dict[str, Any]:
     """``zero2`` (a file in ds_configs/) or a path to a user's JSON."""
     path = Path(name_or_path)
     if path.suffix != ".json":
-        path = DS_CONFIG_DIR / f"{name_or_path}.json"
+        path = require(DS_CONFIG_DIR, f"deepspeed={name_or_path}") / f"{name_or_path}.json"
     if not path.is_file():
         names = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
         close = difflib.get_close_matches(name_or_path, names, n=1)
