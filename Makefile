@@ -7,16 +7,32 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench results ray-local-config cluster-deps clean
+# The known-good versions of every dependency (torch aside: TORCH_SPEC pins it and picks its build)
+CONSTRAINTS := .ci/constraints.txt
+
+.PHONY: setup lock demo test bench results ray-local-config cluster-deps clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# torch unconstrained, so a CUDA index in TORCH_SPEC need not hold the pinned sympy etc.; the second
+# install moves torch's dependencies to the pinned versions with the rest
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
+
+# Refresh $(CONSTRAINTS) from $(VENV) once `make test` passes in it: what pip freeze lists, less the
+# project, pip, torch (TORCH_SPEC's) and CUDA's wheels; setuptools stays (tensorboard needs it at run time).
+# For newer releases first: $(PY) -m pip install -U -e '.[dev]'
+lock:
+	@test -x $(PY) || { echo "make lock: no $(PY) to freeze; run make setup first" >&2; exit 1; }
+	{ echo "# Known-good versions, frozen by \`make lock\` from a venv where \`make test\` passed; \`make setup\`"; \
+	  echo "# and CI install with -c this file. torch is pinned by the Makefile's TORCH_SPEC, not here."; \
+	  $(PY) -m pip freeze --all --exclude-editable | grep -v -i -E '^(pip|torch|triton|nvidia-[a-z0-9-]+)=='; \
+	} > $(CONSTRAINTS).tmp && mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	@echo "wrote $(CONSTRAINTS) ($$(grep -c == $(CONSTRAINTS)) pins); commit it with the change that needed it"
 
 # Ray's dashboard probes cloud metadata addresses on start unless this file says the cluster is local.
 ray-local-config:
