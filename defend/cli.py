@@ -22,6 +22,7 @@ from typing import Callable
 from defend.config import ConfigError, dump_config, load_config, recipes_config_dir, resolve_config_path
 from defend.data.samples import DataError
 from defend.engine.preemption import STOPPED_EXIT_CODE, TrainingStopped
+from defend.progress import quiet_library_bars
 
 RECIPES_DIR = recipes_config_dir().parent
 USER_ERRORS = (ConfigError, DataError)
@@ -114,6 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     validate(cfg)  # the launcher's ranks (launcher=none) check again, at their world size
     if cfg.launcher == "none":
+        quiet_library_bars()
         load_recipe_main(resolve_recipe(args.recipe))(cfg)
         return 0
     resolve_recipe(args.recipe)  # a wrong name fails here, not in every rank
@@ -224,6 +226,7 @@ def recipe_entry(recipe_main: Callable) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg)
+        quiet_library_bars()
         recipe_main(cfg)
     except USER_ERRORS as err:
         print(f"defend: error: {err}", file=sys.stderr)

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from defend.config import Config, ConfigError
+from defend.engine.reporting import check_report_to
 
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 ADAPTER_PREFIX = "base_model.model."  # peft's saved names: base_model.model.<module of the base model>...
@@ -77,6 +78,10 @@ def check_train_settings(cfg: Config) -> None:
     if cfg.train.log_every < 1:
         raise ConfigError(f"train.log_every: must be at least 1 (log every N steps), got {cfg.train.log_every};"
                           " set train.log_every=1 or more.")
+    check_report_to(cfg.train.report_to)  # names in defend/engine/reporting.py, their packages installed
+    if cfg.heartbeat_s < 0:
+        raise ConfigError(f"heartbeat_s: seconds between progress lines off a terminal, got {cfg.heartbeat_s};"
+                          " set heartbeat_s=60 (or 0 for no heartbeat).")
 
 
 def check_output_dir(cfg: Config) -> None:

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from defend.atomic import write_json, write_text
 from defend.config import Config, TargetConfig
@@ -32,6 +32,7 @@ from defend.metrics.asr import attack_success
 from defend.metrics.captioning import caption_scores
 from defend.metrics.vqa import vqa_accuracy
 from defend.models import VisionLanguageModel, load_model
+from defend.progress import Progress
 from defend.purify.masking import MaskedGenerator
 from defend.run_dir import start_run
 
@@ -55,13 +56,18 @@ def load_eval_sets(cfg: Config) -> tuple[dict[str, list[Sample]], TargetConfig |
     return sets, target
 
 
-def generate_all(vlm: VisionLanguageModel, samples: list[Sample], batch_size: int, desc: str, generate=None) -> list[str]:
+def generate_all(vlm: VisionLanguageModel, samples: list[Sample], batch_size: int, desc: str, generate=None,
+                 log: logging.Logger | None = None) -> list[str]:
+    """Predictions for ``samples``; progress as a bar on a terminal, else a line every ``heartbeat_s``."""
     loader = DataLoader(samples, batch_size=batch_size, collate_fn=vlm.generate_collator())
     predictions: list[str] = []
     knobs = {"eval.batch_size": batch_size, "train.max_length (the prompt budget)": vlm.cfg.train.max_length}
-    for batch in tqdm(loader, desc=desc):
-        with explain_out_of_memory(f"evaluate ({desc})", knobs, batch):
-            predictions.extend((generate or vlm.generate)(batch))
+    with Progress(len(samples), desc, unit="rows", every_s=vlm.cfg.heartbeat_s, log=log) as progress:
+        for batch in loader:
+            with explain_out_of_memory(f"evaluate ({desc})", knobs, batch):
+                answers = (generate or vlm.generate)(batch)
+            predictions.extend(answers)
+            progress.update(len(answers))
     return predictions
 
 
@@ -83,7 +89,7 @@ def recipe_main(cfg: Config) -> dict:
     log = start_run(cfg, "evaluate")
     started = time.perf_counter()
     generate = MaskedGenerator(vlm, cfg.purify) if cfg.purify.mask_ratio > 0 else None  # DiSP's masked inference
-    predictions = {name: generate_all(vlm, samples, cfg.eval.batch_size, f"evaluate {name}", generate)
+    predictions = {name: generate_all(vlm, samples, cfg.eval.batch_size, f"evaluate {name}", generate, log)
                    for name, samples in sets.items()}
     seconds = time.perf_counter() - started
     metrics = task_metrics(cfg, sets["clean"], predictions["clean"])

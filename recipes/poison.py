@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from tqdm import tqdm
-
 from defend.atomic import atomic_dir, write_json
 from defend.config import Config
 from defend.data import load_samples
@@ -26,6 +24,7 @@ from defend.data.attacks.poisoning import sample_rng
 from defend.data.manifest import file_sizes
 from defend.data.samples import Sample
 from defend.data.writing import check_file_ids, sha256_file, write_jsonl_set
+from defend.progress import track
 from defend.run_dir import start_run
 
 
@@ -45,9 +44,10 @@ def recipe_main(cfg: Config) -> dict:
     chosen = set(plan.poisoned)
     poisoned = [
         poison_sample(s, trigger, cfg.attack, sample_rng(cfg.attack, i)) if i in chosen else s
-        for i, s in enumerate(tqdm(train, desc="poison train"))
+        for i, s in enumerate(track(train, "poison train", unit="rows", every_s=cfg.heartbeat_s, log=log))
     ]
-    triggered = [triggered_copy(s, trigger, cfg, i) for i, s in enumerate(tqdm(test, desc="trigger test"))]
+    triggered = [triggered_copy(s, trigger, cfg, i)
+                 for i, s in enumerate(track(test, "trigger test", unit="rows", every_s=cfg.heartbeat_s, log=log))]
     target = Path(cfg.output_dir) / "data"
     with atomic_dir(target) as tmp:
         write_jsonl_set(poisoned, tmp, "train.jsonl", "images/train")

@@ -32,13 +32,12 @@ import json
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from defend.atomic import atomic_dir, clear_leftovers, write_json
 from defend.config import Config, ConfigError
 from defend.data.manifest import file_sizes
 from defend.data.writing import sha256_file
 from defend.models.loading import check_model_files
+from defend.progress import Progress
 from defend.purify.blocks import Block, plan_blocks, quarantine_path, record_path, shard_path, verify_block
 from defend.purify.masking import check_purify_settings
 from defend.run_dir import start_run
@@ -139,16 +138,17 @@ def recipe_main(cfg: Config) -> dict:
     log.info("%d blocks of %d rows, %d already purified; %d actors", len(blocks), cfg.purify.block_size,
              len(blocks) - len(todo), cfg.purify.actors)
     started = time.perf_counter()
-    progress = tqdm(total=len(blocks), initial=len(blocks) - len(todo), desc="purify blocks")
+    rows = sum(b.rows for b in blocks)  # the heartbeat off a terminal counts rows of blocks (a bar on one)
     purified, actor_peaks, first_block = 0, {}, None
-    for counts in (purify_on_ray(cfg, source, out, todo) if todo else []):
-        purified += counts["rows"] + counts["quarantined"]
-        actor_peaks[counts["actor"]] = max(actor_peaks.get(counts["actor"], 0.0), counts["peak_rss_mb"])
-        first_block = first_block or time.perf_counter() - started  # actors' start and model load included
-        progress.update(1)
-        if counts["quarantined"]:
-            log.warning("block %d: %d rows quarantined", counts["block"], counts["quarantined"])
-    progress.close()
+    with Progress(rows, "purify", initial=rows - sum(b.rows for b in todo), unit="rows", every_s=cfg.heartbeat_s,
+                  log=log) as progress:
+        for counts in (purify_on_ray(cfg, source, out, todo) if todo else []):
+            purified += counts["rows"] + counts["quarantined"]
+            actor_peaks[counts["actor"]] = max(actor_peaks.get(counts["actor"], 0.0), counts["peak_rss_mb"])
+            first_block = first_block or time.perf_counter() - started  # actors' start and model load included
+            progress.update(blocks[counts["block"]].rows)
+            if counts["quarantined"]:
+                log.warning("block %d: %d rows quarantined", counts["block"], counts["quarantined"])
     seconds = time.perf_counter() - started
     manifest = assemble(out, blocks, {
         "source": str(source.resolve()), "source_sha256": sha256_file(source),

@@ -7,12 +7,11 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from defend.config import TrainConfig
 from defend.data.samples import DataError
@@ -20,6 +19,8 @@ from defend.engine.checkpoint import Checkpointer
 from defend.engine.distributed import rank, world_size
 from defend.engine.memory import explain_out_of_memory
 from defend.engine.preemption import StopRequest, TrainingStopped
+from defend.engine.reporting import Reporters
+from defend.progress import Progress, duration, eta
 
 
 def total_steps(train: TrainConfig, n_samples: int) -> int:
@@ -78,8 +79,10 @@ def train_loop(engine, batches: Iterator[Any], loss_fn: Callable[[Any], Any], to
     micro-batches each).
 
     ``loss_fn`` returns the loss, or ``(loss, terms)`` with named floats (an objective's parts of the
-    loss). Appends ``{"step", "loss", "lr", "elapsed_s", **terms}`` to ``log_path`` every
-    ``train.log_every`` steps (averages over those steps).
+    loss). Every ``train.log_every`` steps, hands ``{"step", "loss", "lr", "elapsed_s", **terms}``
+    (averages over those steps) to the reporters of ``train.report_to`` on rank 0 (``jsonl``: appended
+    to ``log_path``) and logs one line with them, samples/s (tokens/s when batches carry an attention
+    mask), elapsed time and ETA; a bar as well only when stderr is a terminal (``defend/progress.py``).
     With ``checkpoints``: saves every ``train.save_every`` steps, and on SIGTERM/SIGUSR1 saves and
     raises ``TrainingStopped``. Returns the per-step losses of this run and its wall time.
     """
@@ -89,7 +92,9 @@ def train_loop(engine, batches: Iterator[Any], loss_fn: Callable[[Any], Any], to
     if start_step:
         log.info("resumed at step %d of %d", start_step, total_steps)
     stop = StopRequest() if checkpoints else None
-    progress = tqdm(total=total_steps, initial=start_step, desc=desc, disable=rank() != 0)
+    reporters = Reporters(train.report_to, log_path, start_step, active=rank() == 0)
+    progress = Progress(total_steps, desc, initial=start_step, unit="step", every_s=None, log=log, enabled=rank() == 0)
+    window_started, window_step, window_tokens = started, start_step, 0
     try:
         while step < total_steps:
             window, window_terms = [], []
@@ -103,21 +108,21 @@ def train_loop(engine, batches: Iterator[Any], loss_fn: Callable[[Any], Any], to
                     engine.backward(loss)
                     engine.step()
                 window.append(loss.item())
+                window_tokens += batch_tokens(batch)
                 window_terms.append(parts)
             step += 1
             losses.append(sum(window) / len(window))
             terms.append(mean_terms(window_terms))
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.4f}")
+            progress.update(1, loss=f"{losses[-1]:.4f}")
             if step % train.log_every == 0 or step == total_steps:
                 recent = losses[-train.log_every:]
+                now = time.perf_counter()
                 record = {"step": step, "loss": sum(recent) / len(recent), "lr": engine.get_lr()[0],
-                          "elapsed_s": round(time.perf_counter() - started, 2),
-                          **mean_terms(terms[-train.log_every:])}
-                if rank() == 0:
-                    with log_path.open("a") as handle:
-                        handle.write(json.dumps(record) + "\n")
-                log.info("step %d/%d loss %.4f lr %.2e", step, total_steps, record["loss"], record["lr"])
+                          "elapsed_s": round(now - started, 2), **mean_terms(terms[-train.log_every:])}
+                reporters.log(record)
+                log.info("%s", step_line(record, total_steps, start_step, step - window_step, now - window_started,
+                                         window_tokens, train))
+                window_started, window_step, window_tokens = now, step, 0
             if checkpoints is None:
                 continue
             stopping = stop.requested() and step < total_steps
@@ -128,10 +133,32 @@ def train_loop(engine, batches: Iterator[Any], loss_fn: Callable[[Any], Any], to
                     raise TrainingStopped(step, folder, stop.received)
     finally:
         progress.close()
+        reporters.close()
         if stop is not None:
             stop.close()
     return {"steps": step, "losses": losses, "terms": terms, "train_seconds": round(time.perf_counter() - started, 2),
             "peak_memory_mb_per_rank": peak_memory_per_rank()}
+
+
+def batch_tokens(batch: Any) -> int:
+    """Tokens of a micro-batch that has an ``attention_mask`` (0 for one that has none)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else getattr(batch, "attention_mask", None)
+    return int(mask.sum()) if isinstance(mask, torch.Tensor) else 0
+
+
+def step_line(record: dict, total_steps: int, start_step: int, steps: int, seconds: float, tokens: int,
+              train: TrainConfig) -> str:
+    """``step 50/400 loss 1.2345 (task 1.2000 pcr 0.0345) lr 2.00e-03 | 51.2 samples/s 3.1e+03 tokens/s |
+    elapsed 1m02s ETA 7m14s``: the last ``steps`` steps took ``seconds`` and saw ``tokens`` on this rank
+    (times the ranks: all of them)."""
+    step, ranks = record["step"], world_size()
+    terms = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "loss", "lr", "elapsed_s"))
+    rate = f"{steps * train.micro_batch_size * train.grad_accum * ranks / seconds:.3g} samples/s" if seconds > 0 else ""
+    if tokens and seconds > 0:
+        rate += f" {tokens * ranks / seconds:.3g} tokens/s"
+    left = eta(step - start_step, total_steps - start_step, record["elapsed_s"])
+    return (f"step {step}/{total_steps} loss {record['loss']:.4f}{f' ({terms})' if terms else ''} lr {record['lr']:.2e}"
+            f" | {rate} | elapsed {duration(record['elapsed_s'])} ETA {left}")
 
 
 def mean_terms(records: list[dict[str, float]]) -> dict[str, float]:
