@@ -18,8 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the defend package and tests/ of this tree, from anywhere
+    sys.path.insert(0, str(ROOT))
 
 import torch
 

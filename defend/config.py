@@ -124,8 +124,9 @@ class DiffusionConfig:
     block_length: int = 8
     temperature: float = 0.0
     remasking: Literal["low_confidence", "random"] = "low_confidence"
-    # sampler KV cache (Fast-dLLM, block-wise approximate): none | prefix | dual (bench/RESULTS.md)
-    cache: Literal["none", "prefix", "dual"] = "none"
+    # sampler KV cache (Fast-dLLM, block-wise approximate): none | prefix | dual. dual (prefix and suffix
+    # kept; a one-block answer is prefix) measured fastest with identical answers (bench/RESULTS.md)
+    cache: Literal["none", "prefix", "dual"] = "dual"
     # token ids never written at a masked position (LLaDA-V's sampler blocks eos/bos and its chat headers)
     blocked_token_ids: list[int] = field(default_factory=list)
     # which tokens a training row labels (defend/data/label_rules.py): "answer" (the answer and its eos)

@@ -142,12 +142,18 @@ class CachedScorer:
         """The token positions whose logits score answer positions lo:hi (shifted: one earlier)."""
         return self.prompt + lo - self.shift, self.prompt + hi - self.shift
 
+    def mode_for(self, tokens: torch.Tensor, end: int) -> str:
+        """``dual`` with nothing after the block (the last block, or a one-block answer) is ``prefix``:
+        there is no suffix to keep, and splicing it out of the cache would only copy the cache."""
+        return "prefix" if self.mode == "dual" and end >= tokens.shape[1] else self.mode
+
     def refresh(self, tokens: torch.Tensor, attention_mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         from transformers import DynamicCache
 
         inputs, injecting = self.vlm.answer_inputs(self.batch, tokens, attention_mask, self.features)
         start, end = self.window(lo, hi)
-        if self.mode == "none":
+        mode = self.mode_for(tokens, end)
+        if mode == "none":
             with injecting:
                 return self.vlm.token_logits(self.vlm.model, inputs, tokens.shape[1] - self.prompt)[:, lo:hi]
         self.cache = DynamicCache()
@@ -155,7 +161,7 @@ class CachedScorer:
         head = {"logits_to_keep": keep} if self.vlm.takes_logits_to_keep else {}
         with injecting:
             logits = self.vlm.model(**inputs, cache=self.cache, use_cache=True, **head).logits[:, -keep:][:, : end - start]
-        if self.mode == "prefix":
+        if mode == "prefix":
             self.cache.crop(start - tokens.shape[1])  # keep the tokens before the block
         else:  # dual: everything but the block
             for layer in self.cache.layers:
@@ -168,7 +174,7 @@ class CachedScorer:
             return self.refresh(tokens, attention_mask, lo, hi)
         start, end = self.window(lo, hi)
         positions = position_ids_for(attention_mask)
-        if self.mode == "prefix":
+        if self.mode_for(tokens, end) == "prefix":
             new, order = slice(start, None), attention_mask
         else:  # the cache holds prefix then suffix: the mask follows that order, the block comes last
             new = slice(start, end)
