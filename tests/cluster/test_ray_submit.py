@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from defend.engine.distributed import free_port
 from launchers.ray_train import ensure_local_ray_config
+from tests.cluster.ray_head import RAY, own_ray_head
 from tests.distributed.runs import SMALL_RUN, losses
 
-RAY = str(Path(sys.executable).with_name("ray"))
 # Ray >= 2.5x starts local clusters with token authentication (token in ~/.ray/auth_token); the
 # head and the job client must both be in token mode
 RAY_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
@@ -25,15 +24,10 @@ RAY_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token
 
 @pytest.fixture(scope="module")
 def ray_head(defend_cache):
+    """This module's own head (own temp dir and ports), stopped by PID: any other Ray here keeps running."""
     ensure_local_ray_config()  # before any Ray starts: no cloud-metadata probe
-    port, dashboard = free_port(), free_port()
-    start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats"]
-    subprocess.run(start, check=True, capture_output=True, timeout=120, env={**RAY_ENV, "DEFEND_CACHE": str(defend_cache)})
-    try:
-        yield f"http://127.0.0.1:{dashboard}"
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=RAY_ENV)
+    with own_ray_head({**RAY_ENV, "DEFEND_CACHE": str(defend_cache)}, num_cpus=2) as head:
+        yield head.job_api
 
 
 def submit(cwd: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
