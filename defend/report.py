@@ -7,7 +7,8 @@ from pathlib import Path
 
 def asr_accuracy_plot(rows: list[dict], path: Path) -> None:
     """Attack success rate against clean accuracy, one panel per family: a colour per attack, a marker
-    per defense. Written to a temp file, then renamed."""
+    per defense, the 95% intervals as error bars where the rows have them. Written to a temp file, then
+    renamed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,6 +23,10 @@ def asr_accuracy_plot(rows: list[dict], path: Path) -> None:
     for ax, family in zip(axes[0], families):
         for r in (r for r in rows if r["family"] == family):
             ax.scatter(r["vqa_accuracy"], r["asr"], marker=markers[r["defense"]], color=colours[r["attack"]], s=60)
+            if "asr_low" in r and "vqa_accuracy_low" in r:  # the 95% intervals
+                ax.errorbar(r["vqa_accuracy"], r["asr"], color=colours[r["attack"]], alpha=0.5, linewidth=1,
+                            xerr=[[r["vqa_accuracy"] - r["vqa_accuracy_low"]], [r["vqa_accuracy_high"] - r["vqa_accuracy"]]],
+                            yerr=[[r["asr"] - r["asr_low"]], [r["asr_high"] - r["asr"]]])
         ax.set_title(family)
         ax.set_xlabel("clean vqa_accuracy")
         ax.set_ylim(-0.05, 1.05)

@@ -30,6 +30,7 @@ from defend.data.samples import Sample
 from defend.engine.memory import explain_out_of_memory
 from defend.metrics.asr import attack_success
 from defend.metrics.captioning import caption_scores
+from defend.metrics.intervals import intervals
 from defend.metrics.vqa import vqa_accuracy
 from defend.models import VisionLanguageModel, load_model
 from defend.progress import Progress
@@ -98,6 +99,7 @@ def recipe_main(cfg: Config) -> dict:
         triggered = attack_success(predictions["triggered"], [s.response for s in sets["triggered"]], target)
         metrics.update(asr=triggered["asr"], asr_clean=clean["asr"], n_triggered=triggered["n"], n_clean=clean["n"],
                        n_excluded_triggered=triggered["n_excluded"], n_excluded_clean=clean["n_excluded"])
+    metrics.update(intervals(metrics))  # 95% Wilson intervals of every proportion (defend/metrics/intervals.py)
     n_total = sum(len(s) for s in sets.values())
     metrics.update(samples_per_second=round(n_total / seconds, 2), generate_seconds=round(seconds, 2))
     rows = [{"set": name, "id": s.id, "prompt": s.prompt, "reference": s.response, "prediction": p,

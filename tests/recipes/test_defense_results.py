@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from defend.config import ConfigError, load_config
+from defend.metrics.intervals import wilson
 from recipes.defense_results import recipe_main
 from tests.recipes.test_demo import write_stage_configs
 
@@ -28,10 +29,17 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     rows = recipe_main(cfg)
     saved = json.loads((docs / "results.json").read_text())
     assert [(r["attack"], r["defense"]) for r in saved] == [(a, d) for a in ("badnets", "sig") for d in ("none", "pcr", "abl", "disp")]
+    intervals = {f"{m}_{end}" for m in ("asr", "asr_clean", "vqa_accuracy") for end in ("low", "high")}
     for row in saved:
-        assert set(row) == {"family", "attack", "defense", "asr", "asr_clean", "vqa_accuracy"}
+        assert set(row) == {"family", "attack", "defense", "task", "seed", "poison_ratio", "target_type", "asr",
+                            "asr_clean", "vqa_accuracy", "n", "n_triggered", "n_clean", *intervals}
+        assert (row["task"], row["seed"], row["poison_ratio"], row["target_type"], row["n"]) == ("vqa", 1, 0.25, "fixed", 4)  # write_stage_configs poisons 25%
+        for metric, count in (("asr", "n_triggered"), ("asr_clean", "n_clean"), ("vqa_accuracy", "n")):
+            low, high = wilson(row[metric], row[count])  # the 95% Wilson interval of that many answers
+            assert (row[f"{metric}_low"], row[f"{metric}_high"]) == (round(low, 4), round(high, 4))
+            assert row[f"{metric}_low"] <= row[metric] <= row[f"{metric}_high"] and high - low > 0.2  # n is 4
         cell = json.loads((tmp_path / "run" / "mllm" / row["attack"] / row["defense"] / "cell.json").read_text())
-        assert cell["metrics"]["asr"] == row["asr"] and cell["metrics"]["n_clean"] == 4
+        assert cell["metrics"]["asr"] == row["asr"]
     trained = (tmp_path / "run" / "mllm" / "sig" / "pcr" / "finetune" / "train_log.jsonl").read_text()
     assert "pcr_discrepancy" in trained  # the defense's overrides reached the fine-tune
     # disp: the victim purified the first 12 poisoned rows, the base was fine-tuned on them (not the victim)
@@ -52,6 +60,8 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     assert evaluated["model"]["adapter"] == str(chain / "round2" / "finetune" / "adapter")
     report = (docs / "RESULTS.md").read_text()
     assert "do not edit by hand" in report and "| sig | abl |" in report
+    none = next(r for r in saved if (r["attack"], r["defense"]) == ("sig", "none"))
+    assert f"| sig | none | {none['asr']:.3f} [{none['asr_low']:.3f}, {none['asr_high']:.3f}] |" in report
     assert report.count("- [") == 4 + 4  # pcr's two goals, and disp's two, for each of the two attacks
     assert (docs / "results_asr_vs_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
