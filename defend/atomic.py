@@ -37,8 +37,13 @@ def fsync_dir(path: str | Path) -> None:
 
 
 def _owner() -> str:
-    """This process, as temp names carry it: host and pid (a leftover of a dead process can go)."""
-    return f"{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())}-{os.getpid()}"
+    """This process, as temp names carry it: host, pid namespace and pid (a leftover of a dead process
+    can go; containers that share a host name and a filesystem have their own pid namespaces)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())}-{namespace}-{os.getpid()}"
 
 
 def temp_prefix(path: Path) -> str:
@@ -48,7 +53,7 @@ def temp_prefix(path: Path) -> str:
 def clear_leftovers(folder: str | Path) -> list[Path]:
     """Remove the temp files and folders that processes of this host left in ``folder`` when they were
     killed mid-write (their pid is gone); returns what was removed. Live writers' temps stay."""
-    host = _owner().rsplit("-", 1)[0]
+    host = _owner().rsplit("-", 1)[0]  # host and pid namespace: only this namespace's pids can be checked
     removed = []
     for item in Path(folder).glob(".*.tmp") if Path(folder).is_dir() else []:
         found = re.search(rf"\.{re.escape(host)}-(\d+)\.[^.]*\.tmp$", item.name)

@@ -110,7 +110,7 @@ def submit_ray(recipe: str, config: str, overrides: list[str], cfg: Config) -> i
     except _Stop as why:
         print(f"defend: {why} received: stopping Ray job {job_id}", flush=True)
         client.stop_job(job_id)
-        deadline = time.monotonic() + int(env["RAY_JOB_STOP_WAIT_TIME_S"]) + 30
+        deadline = time.monotonic() + float(env["RAY_JOB_STOP_WAIT_TIME_S"]) + 30
         while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline:
             time.sleep(1)
         return STOPPED_EXIT_CODE if client.get_job_status(job_id) != JobStatus.SUCCEEDED else 0

@@ -77,7 +77,8 @@ class FinetuneRecipe:
     def save(self) -> Path:
         lora = self.cfg.lora.enabled
         target = save_model_folder(self.vlm.model, self.out / ("adapter" if lora else "model"),
-                                   None if lora else self.vlm.processor, engine=self.engine)
+                                   None if lora else self.vlm.processor, engine=self.engine,
+                                   settings_from=self.cfg.model.path)  # a converted base's own settings
         self.log.info("saved %s", target)
         return target
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from defend.atomic import atomic_dir, clear_leftovers, write_json
 from defend.config import Config, ConfigError
 from defend.data.manifest import file_sizes
+from defend.data.manifest import verify_dataset_file
 from defend.data.writing import sha256_file
 from defend.models.loading import check_model_files
 from defend.progress import Progress
@@ -50,6 +51,7 @@ def check_inputs(cfg: Config) -> Path:
     source = Path(cfg.dataset.path)
     if not source.is_file():
         raise ConfigError(f"dataset.path: '{source}' does not exist.")
+    verify_dataset_file(source)  # a poison run's train.jsonl: its folder as the poison run wrote it
     if not 0 < cfg.purify.mask_ratio < 1:
         raise ConfigError(f"purify.mask_ratio must be in (0, 1) for purification, got {cfg.purify.mask_ratio}.")
     if cfg.purify.actors < 1 or cfg.purify.block_size < 1 or cfg.purify.retries < 0:
@@ -57,6 +59,9 @@ def check_inputs(cfg: Config) -> Path:
     check_purify_settings(cfg.purify, cfg.model.family)
     check_model_files(cfg)  # what can be checked without loading the weights (the actors load them)
     return source
+
+
+TRAINING_ONLY = ("eps", "inverse_t_weight", "complementary_mask", "labels")  # diffusion.* the sampler never reads
 
 
 def shard_settings(cfg: Config) -> dict:
@@ -67,7 +72,8 @@ def shard_settings(cfg: Config) -> dict:
     weights = sorted(Path(cfg.model.adapter).glob("adapter_model.*")) if cfg.model.adapter else []
     return {"model": dataclasses.asdict(cfg.model), "adapter_sha256": [sha256_file(w) for w in weights],
             "dataset": dataclasses.asdict(cfg.dataset), "purify": purify,
-            "diffusion": dataclasses.asdict(cfg.diffusion), "max_new_tokens": cfg.eval.max_new_tokens,
+            "diffusion": {k: v for k, v in dataclasses.asdict(cfg.diffusion).items() if k not in TRAINING_ONLY},
+            "max_new_tokens": cfg.eval.max_new_tokens,
             "max_length": cfg.train.max_length}
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from defend.atomic import write_text
 from defend.config import TrainConfig
 from defend.data.samples import DataError
 from defend.engine.checkpoint import Checkpointer
@@ -64,7 +65,7 @@ def keep_log_until(log_path: Path, step: int, log: logging.Logger | None = None)
         log_path.unlink()
         return
     kept = [r for r in read_train_log(log_path, log) if r["step"] <= step]
-    log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))  # whole or not at all
 
 
 def training_knobs(train: TrainConfig) -> dict[str, object]:

@@ -24,7 +24,8 @@ from defend.models.archs.lavida import pooled_side
 from defend.models.convert import SO400M, SYSTEM, load_tokenizer, read_weights, rename, save_image_processor
 
 DREAM_MASK_ID = 151666  # <|mask|>: the literal of LlavaDreamForMaskedDiffusion.forward
-DREAM_EOS_ID = 151643  # <|endoftext|>: eos = pad; the collator's pads are attended and trained on
+DREAM_EOS_ID = 151643  # <|endoftext|>: eos = pad (LaViDa's collator trains on its pads; ours pads answers with
+# it to gen_length and labels those, batch padding stays unlabelled: diffusion.labels=answer)
 # conv_dream (LLAMA_3 style over Dream's ChatML template) with LaViDa's system message; preprocess_dream
 # puts the image first in the user's message ("<image>\n" + text)
 CHAT_TEMPLATE = (

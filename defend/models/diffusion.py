@@ -142,17 +142,17 @@ class CachedScorer:
         """The token positions whose logits score answer positions lo:hi (shifted: one earlier)."""
         return self.prompt + lo - self.shift, self.prompt + hi - self.shift
 
-    def mode_for(self, tokens: torch.Tensor, end: int) -> str:
+    def mode_for(self, tokens: torch.Tensor, hi: int) -> str:
         """``dual`` with nothing after the block (the last block, or a one-block answer) is ``prefix``:
         there is no suffix to keep, and splicing it out of the cache would only copy the cache."""
-        return "prefix" if self.mode == "dual" and end >= tokens.shape[1] else self.mode
+        return "prefix" if self.mode == "dual" and self.prompt + hi >= tokens.shape[1] else self.mode
 
     def refresh(self, tokens: torch.Tensor, attention_mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         from transformers import DynamicCache
 
         inputs, injecting = self.vlm.answer_inputs(self.batch, tokens, attention_mask, self.features)
         start, end = self.window(lo, hi)
-        mode = self.mode_for(tokens, end)
+        mode = self.mode_for(tokens, hi)
         if mode == "none":
             with injecting:
                 return self.vlm.token_logits(self.vlm.model, inputs, tokens.shape[1] - self.prompt)[:, lo:hi]
@@ -163,22 +163,24 @@ class CachedScorer:
             logits = self.vlm.model(**inputs, cache=self.cache, use_cache=True, **head).logits[:, -keep:][:, : end - start]
         if mode == "prefix":
             self.cache.crop(start - tokens.shape[1])  # keep the tokens before the block
-        else:  # dual: everything but the block
+        else:  # dual: everything but the block's window and its tokens (shifted: one more, its last token)
+            after = self.prompt + hi
             for layer in self.cache.layers:
-                layer.keys = torch.cat([layer.keys[:, :, :start], layer.keys[:, :, end:]], 2)
-                layer.values = torch.cat([layer.values[:, :, :start], layer.values[:, :, end:]], 2)
+                layer.keys = torch.cat([layer.keys[:, :, :start], layer.keys[:, :, after:]], 2)
+                layer.values = torch.cat([layer.values[:, :, :start], layer.values[:, :, after:]], 2)
         return logits
 
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         if self.mode == "none":
             return self.refresh(tokens, attention_mask, lo, hi)
-        start, end = self.window(lo, hi)
+        start, _ = self.window(lo, hi)
         positions = position_ids_for(attention_mask)
-        if self.mode_for(tokens, end) == "prefix":
+        if self.mode_for(tokens, hi) == "prefix":
             new, order = slice(start, None), attention_mask
         else:  # the cache holds prefix then suffix: the mask follows that order, the block comes last
-            new = slice(start, end)
-            order = torch.cat([attention_mask[:, :start], attention_mask[:, end:], attention_mask[:, start:end]], 1)
+            after = self.prompt + hi  # the block's tokens are all fed, so a committed one is seen at once
+            new = slice(start, after)
+            order = torch.cat([attention_mask[:, :start], attention_mask[:, after:], attention_mask[:, start:after]], 1)
         inputs = {**self.vlm.inputs_without_pixels(self.batch), "input_ids": tokens[:, new], "attention_mask": order,
                   "position_ids": positions[:, new]}
         logits = self.vlm.model(**inputs, cache=self.cache, use_cache=True).logits[:, : hi - lo]

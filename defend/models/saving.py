@@ -5,12 +5,14 @@ take part), so the saved folder is whole and loads with ``from_pretrained`` on o
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from defend.atomic import atomic_dir
+from defend.config import MODEL_SETTINGS_FILE
 from defend.engine.distributed import barrier, rank
 
 
@@ -39,8 +41,10 @@ def gathered_state_dict(model: torch.nn.Module, engine: Any | None = None) -> di
 
 
 def save_model_folder(model: torch.nn.Module, target: Path, processor: Any | None = None,
-                      engine: Any | None = None) -> Path:
+                      engine: Any | None = None, settings_from: str | Path | None = None) -> Path:
     """``save_pretrained`` of ``model`` (and ``processor``) into ``target``: peft models write an adapter.
+    ``settings_from``: the base folder whose ``defend_diffusion.json`` (a converted model's own settings)
+    a full model folder carries on, so ``model.path=<target>`` runs as the base did.
 
     Every rank must call it (ZeRO-3 gathers collectively); rank 0 writes.
     """
@@ -53,5 +57,8 @@ def save_model_folder(model: torch.nn.Module, target: Path, processor: Any | Non
                 model.save_pretrained(tmp, state_dict=state)
             if processor is not None:
                 processor.save_pretrained(tmp)
+            settings = Path(settings_from or "") / MODEL_SETTINGS_FILE
+            if settings_from and settings.is_file() and not (tmp / "adapter_config.json").is_file():
+                shutil.copy(settings, tmp / MODEL_SETTINGS_FILE)
     barrier()
     return target

@@ -140,8 +140,17 @@ def test_one_step_answer_is_the_argmax_at_the_family_s_scoring_position(mdlm, sh
     assert answers != other  # the two positions disagree on this model, so the check can fail
 
 
+@pytest.fixture(params=[False, True], ids=["plain", "shifted"])
+def shifted(mdlm, request):
+    """The tiny model scored as LLaDA (position i scores token i) and as Dream (position i-1 does)."""
+    d = mdlm[0].cfg.diffusion
+    d.shifted_logits = request.param
+    yield request.param
+    d.shifted_logits = False
+
+
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_a_cached_step_equals_the_full_forward_while_nothing_changed(mdlm, cache):
+def test_a_cached_step_equals_the_full_forward_while_nothing_changed(mdlm, cache, shifted):
     """The cache's mechanics: right after a block's refresh, a cached step (prefix: the block and the
     rest; dual: the block alone, the cache holding prefix and suffix) gives the full forward's logits."""
     from defend.models.diffusion import CachedScorer
@@ -161,6 +170,28 @@ def test_a_cached_step_equals_the_full_forward_while_nothing_changed(mdlm, cache
             assert torch.allclose(cached.refresh(tokens, mask, lo, hi), expected, atol=1e-5)
             assert torch.allclose(cached.step(tokens, mask, lo, hi), expected, atol=1e-5)
             assert torch.allclose(cached.step(tokens, mask, lo, hi), expected, atol=1e-5)  # the cache was restored
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_every_token_of_the_block_is_fed_so_a_commit_is_seen_at_the_next_step(mdlm, cache, shifted):
+    """Committing the block's last token changes the next cached step's logits: the step runs every
+    token of the block (for a shifted model too, whose window ends one position before the block's end),
+    only what lies outside the block comes from the cache."""
+    from defend.models.diffusion import CachedScorer
+
+    vlm, samples = mdlm
+    batch = vlm.generate_collator()(samples[:2])
+    features = vlm.image_features(batch)
+    tokens = torch.cat([batch["input_ids"], torch.full((2, 8), vlm.mask_token_id)], 1)
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, 8, dtype=torch.long)], 1)
+    scorer = CachedScorer(vlm, batch, features, cache)
+    with torch.no_grad():
+        scorer.refresh(tokens, mask, 0, 4)  # block 0 of 2: a suffix is cached (dual)
+        before = scorer.step(tokens, mask, 0, 4)
+        committed = tokens.clone()
+        committed[:, batch["input_ids"].shape[1] + 3] = 7  # the block's last answer position
+        after = scorer.step(committed, mask, 0, 4)
+    assert not torch.allclose(before, after)
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])

@@ -256,6 +256,18 @@ def test_a_converted_folder_runs_on_its_own_settings_and_labels_rows_as_llada_v(
     assert vlm.decode(torch.tensor([[*answer, eot, answer[0]]])) == ["red"]  # an answer ends at <|eot_id|>
 
 
+def test_a_full_fine_tune_of_a_converted_folder_keeps_its_settings(runnable, tmp_path):
+    """Without LoRA the run saves a whole model folder; it carries the base's defend_diffusion.json, so
+    model.path=<run>/model runs as masked diffusion with LLaDA-V's settings, as the base did."""
+    from recipes.finetune import recipe_main as finetune
+
+    trained = finetune(load_config("finetune_tiny_mdlm", [f"model.path={runnable}", *RUN, "lora.enabled=false",
+                                                           "dataset.max_samples=2", "train.micro_batch_size=2",
+                                                           "train.max_steps=1", f"output_dir={tmp_path}"]))
+    saved = load_config("evaluate_tiny_mdlm", [f"model.path={trained['saved']}"])
+    assert (saved.model.family, saved.diffusion.mask_token_id, saved.diffusion.labels) == ("mdlm", 126336, "llada_v")
+
+
 def test_qlora_quantizes_a_converted_folder_and_trains_lora(runnable):
     import bitsandbytes as bnb
 
