@@ -27,10 +27,31 @@ def test_two_ray_workers_train_like_torchrun(tmp_path):
     assert (tmp_path / "ray" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_a_cluster_too_small_fails_in_bounded_time_naming_the_missing_resources(tmp_path):
+def test_an_embedded_ray_too_small_for_nproc_is_refused_before_ray_starts(tmp_path):
+    """nproc x ray.cpus_per_worker above this machine's cores: defend validate's check, before any work."""
+    import os
+
     started = time.monotonic()
-    done = finetune(tmp_path / "run", "launcher=ray", "nproc=3", "ray.cpus_per_worker=1",
-                    "ray.placement_timeout_s=5", check=False, timeout=200)
+    nproc = (os.cpu_count() or 1) + 1
+    done = finetune(tmp_path / "run", "launcher=ray", f"nproc={nproc}", "ray.cpus_per_worker=1", check=False, timeout=200)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert "cannot place 3 workers of {'CPU': 1.0}" in done.stderr and "Lower nproc" in done.stderr
-    assert time.monotonic() - started < 120
+    assert f"nproc: launcher=ray with nproc={nproc}" in done.stderr and "ray.address=auto" in done.stderr
+    assert not (tmp_path / "run").exists() and time.monotonic() - started < 60
+
+
+def test_a_cluster_too_small_fails_in_bounded_time_naming_the_missing_resources():
+    """Where validate cannot know the cluster (ray.address): the placement wait, on a real 2-CPU Ray."""
+    import ray
+
+    from defend.config import ConfigError, load_config
+    from launchers.ray_train import wait_for_placement
+
+    cfg = load_config(None, ["launcher=ray", "nproc=3", "ray.cpus_per_worker=1", "ray.placement_timeout_s=5"])
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=r"cannot place 3 workers of \{'CPU': 1.0\}.*Lower nproc"):
+            wait_for_placement(cfg)
+        assert time.monotonic() - started < 30
+    finally:
+        ray.shutdown()
