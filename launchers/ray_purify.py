@@ -69,8 +69,23 @@ def first_line(err: BaseException) -> str:
     return found[-1] if found else (text.splitlines() or [type(err).__name__])[-1]
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak-memory count anew (Linux: its VmHWM), so an in-process run reports its
+    own peak, not that of what the process did before (a test session, a notebook)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the lifetime peak is reported
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
+    """This process's peak resident memory since ``reset_peak_rss`` (Linux VmHWM), else over its lifetime."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

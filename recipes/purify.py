@@ -123,8 +123,9 @@ def assemble(out: Path, blocks: list[Block], manifest: dict, id_column: str) -> 
 
 
 def recipe_main(cfg: Config) -> dict:
-    from launchers.ray_purify import peak_rss_mb, purify_on_ray
+    from launchers.ray_purify import peak_rss_mb, purify_on_ray, reset_peak_rss
 
+    reset_peak_rss()  # the summary reports this run's peak
     source = check_inputs(cfg)
     blocks = plan_blocks(source, cfg.purify.block_size, cfg.dataset.max_samples, cfg.dataset.id_column)
     if not blocks:
