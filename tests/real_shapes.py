@@ -127,16 +127,23 @@ def _special_ids(tokenizer: Any) -> dict[str, int]:
 
 # ---- one builder per architecture: (edited config dict, processor, departures) ----------------------
 
-def _llava(name: str, config: dict, pre: dict | None, log: dict) -> Any:
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
-
+def _llava_layout(config: dict, log: dict, pad_token_id: bool = False) -> Any:
+    """The LLaVA family's edits (1.5, NeXT, OneVision): depth cut, ``image_token_index`` (and the top-level
+    ``pad_token_id``) and the text config's special ids set to the tiny tokenizer's; that tokenizer."""
     from defend.models.tokenizer import IMAGE_TOKEN
 
     tokenizer = _tokenizer()
     _cut_depth(config, log, "num_hidden_layers", "num_hidden_layers")
-    _set(config, {"image_token_index": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                  "pad_token_id": tokenizer.pad_token_id}, "", log)
+    ids = {"image_token_index": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}
+    _set(config, {**ids, **({"pad_token_id": tokenizer.pad_token_id} if pad_token_id else {})}, "", log)
     _set(config["text_config"], _special_ids(tokenizer), "text_config.", log)
+    return tokenizer
+
+
+def _llava(name: str, config: dict, pre: dict | None, log: dict) -> Any:
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    tokenizer = _llava_layout(config, log, pad_token_id=True)
     vision = config["vision_config"]
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(**image_settings(pre)), tokenizer=tokenizer,
@@ -148,12 +155,7 @@ def _llava(name: str, config: dict, pre: dict | None, log: dict) -> Any:
 def _llava_next(name: str, config: dict, pre: dict | None, log: dict) -> Any:
     from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 
-    from defend.models.tokenizer import IMAGE_TOKEN
-
-    tokenizer = _tokenizer()
-    _cut_depth(config, log, "num_hidden_layers", "num_hidden_layers")
-    _set(config, {"image_token_index": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}, "", log)
-    _set(config["text_config"], _special_ids(tokenizer), "text_config.", log)
+    tokenizer = _llava_layout(config, log)
     settings = image_settings(pre)
     settings.pop("aspect_ratio_setting", None)  # a processor-class key ("anyres"), not an image-processor kwarg
     processor = LlavaNextProcessor(
@@ -167,12 +169,7 @@ def _llava_next(name: str, config: dict, pre: dict | None, log: dict) -> Any:
 def _llava_onevision(name: str, config: dict, pre: dict | None, log: dict) -> Any:
     from transformers import LlavaOnevisionImageProcessorPil
 
-    from defend.models.tokenizer import IMAGE_TOKEN
-
-    tokenizer = _tokenizer()
-    _cut_depth(config, log, "num_hidden_layers", "num_hidden_layers")
-    _set(config, {"image_token_index": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}, "", log)
-    _set(config["text_config"], _special_ids(tokenizer), "text_config.", log)
+    tokenizer = _llava_layout(config, log)
     vision = config["vision_config"]
     size = vision["image_size"]
     image_processor = LlavaOnevisionImageProcessorPil(

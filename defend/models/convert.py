@@ -111,18 +111,7 @@ def convert_llada_v(source: str | Path, target: str | Path, vision_config: str |
     from defend.models.convert_lavida import refuse_other_kind
 
     refuse_other_kind(source, config, "llada_v")  # by its fields: LaViDa's LLaDA variant is llava_llada too
-    vision = dict(SO400M)
-    if vision_config:
-        given = json.loads(Path(vision_config).read_text())
-        vision.update({k: given[k] for k in SO400M if k in given})
-    tokenizer = load_tokenizer(source)
-    if image_token_id is None:
-        if tokenizer is None:
-            raise ConfigError(f"{source}: no tokenizer to add an <image> token to; pass image_token_id.")
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-        image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    if image_token_id >= config["vocab_size"]:
-        raise ConfigError(f"the <image> token id {image_token_id} does not fit the {config['vocab_size']}-row embedding.")
+    vision, tokenizer, image_token_id = tower_and_image_token(source, config, vision_config, image_token_id)
     hf_config = onevision_config(config, vision, image_token_id)
     weights = {}
     for key, tensor in read_weights(source).items():
@@ -146,6 +135,26 @@ def convert_llada_v(source: str | Path, target: str | Path, vision_config: str |
         if (source / "generation_config.json").is_file():  # its image processor is not kept: ours is anyres
             shutil.copy(source / "generation_config.json", tmp / "generation_config.json")
     return target
+
+
+def tower_and_image_token(source: Path, config: dict[str, Any], vision_config: str | Path | None,
+                          image_token_id: int | None) -> tuple[dict[str, Any], Any | None, int]:
+    """What every LLaVA-codebase converter needs first: the SigLIP tower's settings (so400m-384, or the keys
+    of ``vision_config``), the source's tokenizer (None without one) and the ``<image>`` id (added to that
+    tokenizer unless given), checked to fit the embedding."""
+    vision = dict(SO400M)
+    if vision_config:
+        given = json.loads(Path(vision_config).read_text())
+        vision.update({k: given[k] for k in SO400M if k in given})
+    tokenizer = load_tokenizer(source)
+    if image_token_id is None:
+        if tokenizer is None:
+            raise ConfigError(f"{source}: no tokenizer to add an <image> token to; pass image_token_id.")
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if image_token_id >= config["vocab_size"]:
+        raise ConfigError(f"the <image> token id {image_token_id} does not fit the {config['vocab_size']}-row embedding.")
+    return vision, tokenizer, image_token_id
 
 
 def save_image_processor(folder: Path, config: Any) -> None:

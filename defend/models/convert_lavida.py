@@ -21,7 +21,7 @@ from typing import Any
 
 from defend.config import ConfigError
 from defend.models.archs.lavida import pooled_side
-from defend.models.convert import SO400M, SYSTEM, load_tokenizer, read_weights, rename, save_image_processor
+from defend.models.convert import SYSTEM, read_weights, rename, save_image_processor, tower_and_image_token
 
 DREAM_MASK_ID = 151666  # <|mask|>: the literal of LlavaDreamForMaskedDiffusion.forward
 DREAM_EOS_ID = 151643  # <|endoftext|>: eos = pad (LaViDa's collator trains on its pads; ours pads answers with
@@ -118,18 +118,7 @@ def convert_lavida_dream(source: str | Path, target: str | Path, vision_config: 
     source, target = Path(source), Path(target)
     config = json.loads((source / "config.json").read_text())
     refuse_other_kind(source, config, "lavida_dream")
-    vision = dict(SO400M)
-    if vision_config:
-        given = json.loads(Path(vision_config).read_text())
-        vision.update({k: given[k] for k in SO400M if k in given})
-    tokenizer = load_tokenizer(source)
-    if image_token_id is None:
-        if tokenizer is None:
-            raise ConfigError(f"{source}: no tokenizer to add an <image> token to; pass image_token_id.")
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-        image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    if image_token_id >= config["vocab_size"]:
-        raise ConfigError(f"the <image> token id {image_token_id} does not fit the {config['vocab_size']}-row embedding.")
+    vision, tokenizer, image_token_id = tower_and_image_token(source, config, vision_config, image_token_id)
     mask_id = config.get("mask_token_id", DREAM_MASK_ID)
     if mask_id != DREAM_MASK_ID:
         raise ConfigError(f"mask_token_id {mask_id}: LaViDa-Dream's forward masks with the literal {DREAM_MASK_ID}.")
