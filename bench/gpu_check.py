@@ -247,7 +247,6 @@ def bench_config(args, *extra: str):
 def build_llada_v(args, device: torch.device, dtype: torch.dtype):
     """LLaDA-V at its published shape (or shrunk, --smoke), built on ``device``, as the masked-diffusion
     family with the settings ``defend convert llada_v`` writes."""
-    sys.path.insert(0, str(ROOT))  # tests/ of this tree
     from defend.models.convert import LLADA_MASK_ID, LLADA_V_BLOCKED_IDS
     from defend.models.diffusion import MaskedDiffusionVLM
     from tests.real_shapes import llada_v_real_shape

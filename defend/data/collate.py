@@ -108,11 +108,10 @@ class Collator:
         return {**row, **extras}
 
     def image_padding_row(self) -> dict[str, torch.Tensor]:
+        """A black image and an empty prompt; ``__call__`` clears its labels."""
         from PIL import Image
 
-        row = self._encode(Sample(id=IMAGE_PADDING_ID, image=Image.new("RGB", (224, 224)), prompt=" ", response=""))
-        row["labels"] = torch.full_like(row["labels"], IGNORE_INDEX)
-        return row
+        return self._encode(Sample(id=IMAGE_PADDING_ID, image=Image.new("RGB", (224, 224)), prompt=" ", response=""))
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
         rows = [self._encode(s) for s in samples]
