@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-
-from defend.engine.distributed import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 # every port a head opens that has a fixed default (10001 client server, 52365 agent, ...) or a random one
@@ -83,12 +83,32 @@ def alive(proc: psutil.Process) -> bool:
         return False
 
 
+def ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))  # every interface: Ray's servers bind there or to the node IP
+            return True
+        except OSError:
+            return False
+
+
 def distinct_free_ports(n: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < n:
-        port = free_port()
-        if port not in ports and port >= 20000:  # above Ray's worker port range (10002-19999)
-            ports.append(port)
+    """``n`` free ports between Ray's worker range (10002-19999) and the kernel's ephemeral range: a port
+    taken from the ephemeral range (bind to port 0) can be taken back, as the source port of any outgoing
+    connection, before Ray listens on it; then the raylet cannot bind and `ray start` times out."""
+    low = ephemeral_port_range()[0]
+    candidates = random.sample(range(20000, low), k=low - 20000) if low > 20000 else []
+    ports = [port for port in candidates[:20 * n] if bindable(port)][:n]
+    if len(ports) < n:
+        raise RuntimeError(f"found {len(ports)} free ports below the ephemeral range ({low}); {n} needed")
     return ports
 
 
@@ -103,28 +123,55 @@ def answers(url: str) -> bool:
         return False
 
 
-def start_ray_head(env: dict[str, str], num_cpus: int = 2, timeout: float = 180) -> RayHead:
+def ray_logs(temp_dir: Path, tail: int = 1500) -> str:
+    """The ends of the head's own server logs (why a raylet or GCS did not come up)."""
+    logs = temp_dir / "session_latest" / "logs"
+    parts = []
+    for name in ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err"):
+        with contextlib.suppress(OSError):
+            if text := (logs / name).read_text(errors="replace")[-tail:].strip():
+                parts.append(f"--- {name} ---\n{text}")
+    return "\n".join(parts)
+
+
+def start_ray_head(env: dict[str, str], num_cpus: int = 2, timeout: float = 180, attempts: int = 2) -> RayHead:
+    """A head of its own, up; a start that fails (on a loaded 2-core box the raylet can miss Ray's fixed
+    30 s registration deadline) is reported on stderr and tried again, with fresh ports, ``attempts`` times."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return start_ray_head_once(env, num_cpus, timeout)
+        except RuntimeError as failure:
+            if attempt == attempts:
+                raise
+            print(f"Ray head start {attempt} of {attempts} failed, trying again: {failure}", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def start_ray_head_once(env: dict[str, str], num_cpus: int, timeout: float) -> RayHead:
     # short: Ray's unix socket paths under it must fit in 107 bytes
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-test-", dir="/tmp"))
     ports = dict(zip(PORT_FLAGS, distinct_free_ports(len(PORT_FLAGS)), strict=True))
     command = [RAY, "start", "--head", "--block", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
                "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats",
                *(f"--{flag}={port}" for flag, port in ports.items())]
+    # a one-node head stays on loopback: Ray otherwise swaps 127.0.0.1 for the machine's own address
+    env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     with open(temp_dir / "head.log", "w") as log:
         process = subprocess.Popen([*STOP_WITH_PARENT, *command], stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
     head = RayHead(process, temp_dir, ports)
     deadline = time.monotonic() + timeout
     while True:  # up: the dashboard answers and `ray start` is done starting (what it logs last)
+        failed = None
         if process.poll() is not None:
-            message = f"`ray start --head` exited {process.returncode} before its job API answered:\n{head.log()}"
-            stop_ray_head(head)
-            raise RuntimeError(message)
-        if answers(f"{head.job_api}/api/version") and "block forever" in head.log():
+            failed = f"`ray start --head` exited {process.returncode} before its job API answered"
+        elif answers(f"{head.job_api}/api/version") and "block forever" in head.log():
             head.processes()  # remember them now: the teardown kills what it saw, even if reparented
             return head
-        if time.monotonic() > deadline:
-            message = f"the Ray head's job API ({head.job_api}) did not answer within {timeout}s:\n{head.log()}"
+        elif time.monotonic() > deadline:
+            failed = f"the Ray head's job API ({head.job_api}) did not answer within {timeout}s"
+        if failed:
+            message = f"{failed} (ports {ports}):\n{head.log()}\n{ray_logs(temp_dir)}"
             stop_ray_head(head)
             raise RuntimeError(message)
         time.sleep(0.5)
