@@ -123,7 +123,16 @@ class DiffusionConfig:
     steps: int = 8
     block_length: int = 8
     temperature: float = 0.0
+    # llada: semi-autoregressive blocks of block_length, steps split evenly, remasking below. dream (Dream,
+    # LaViDa-Dream): the answer is one block; step i of steps commits int(masks * (1 - s/t)) tokens on
+    # times linspace(1, eps), ranked by dream_alg over the top_k logits
+    sampler: Literal["llada", "dream"] = "llada"
     remasking: Literal["low_confidence", "random"] = "low_confidence"
+    dream_alg: Literal["maskgit_plus", "topk_margin", "entropy"] = "topk_margin"  # max prob, top1 - top2, -entropy
+    top_k: int = 0  # sampler=dream: probabilities over the k largest logits (0: all)
+    # the prompt is encoded once, alone (it never sees the answer), and the answer attends to it; with
+    # shifted logits the prompt's last position gives the first answer token (LaViDa's eval, prefix_lm)
+    prefix_lm: bool = False
     # sampler KV cache (Fast-dLLM, block-wise approximate): none | prefix | dual. dual (prefix and suffix
     # kept; a one-block answer is prefix) measured fastest with identical answers (bench/RESULTS.md)
     cache: Literal["none", "prefix", "dual"] = "dual"

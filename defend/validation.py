@@ -84,6 +84,13 @@ def check_train_settings(cfg: Config) -> None:
                           " set heartbeat_s=60 (or 0 for no heartbeat).")
 
 
+def check_diffusion(cfg: Config) -> None:
+    if cfg.model.family == "mdlm":
+        from defend.models.diffusion_sampler import check_sampler_settings
+
+        check_sampler_settings(cfg.diffusion)
+
+
 def check_output_dir(cfg: Config) -> None:
     """``output_dir`` can be created and written: a probe file in its nearest existing ancestor."""
     target = Path(cfg.output_dir).expanduser().absolute()
@@ -426,7 +433,7 @@ def check_tokenizer(cfg: Config) -> None:
 # --- all of them ------------------------------------------------------------------------------------
 
 CHECKS: tuple[Callable[[Config], list[str] | None], ...] = (
-    check_train_settings, check_nproc, check_output_dir, check_deepspeed_keys, check_deepspeed_batch,
+    check_train_settings, check_diffusion, check_nproc, check_output_dir, check_deepspeed_keys, check_deepspeed_batch,
     check_deepspeed_combination, check_objectives, check_model, check_adapter, check_tokenizer,
 )
 

@@ -72,6 +72,18 @@ def test_log_every_below_one_is_refused(tmp_path):
         validate(tmp_path, "train.log_every=0")
 
 
+@pytest.mark.parametrize("overrides, named", [
+    (["diffusion.prefix_lm=true"], r"diffusion\.prefix_lm: .*set diffusion\.sampler=dream"),
+    (["diffusion.gen_length=12", "diffusion.block_length=8"], r"diffusion\.gen_length \(12\) must be a multiple of"
+                                                               r" diffusion\.block_length \(8\)"),
+    (["diffusion.sampler=dream", "diffusion.top_k=-1"], r"diffusion\.top_k: .*got -1"),
+])
+def test_sampler_settings_that_do_not_fit_together_are_refused_for_a_masked_diffusion_model(tmp_path, overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        validate(tmp_path, "model.family=mdlm", *overrides)
+    validate(tmp_path, "model.family=mllm", *overrides)  # the autoregressive family reads none of them
+
+
 @pytest.mark.parametrize("ds, named", [
     ({"train_micro_batch_size_per_gpu": "auto", "zero_optimisation": {"stage": 2}},
      "'zero_optimisation' (did you mean 'zero_optimization'?)"),

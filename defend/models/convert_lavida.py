@@ -6,7 +6,8 @@ layout, q/k/v biases included, run without a causal mask). Its weights are renam
 LLaDA-V's (``defend.models.convert.rename``). What is LaViDa-Dream's own goes into
 ``defend_diffusion.json``: mask id 151666, shifted logits (position i-1 scores token i, Dream's
 ``ForCausalLMLoss`` and ``logits = cat([logits[:, :1], logits[:, :-1]])``), complementary masking
-without 1/t weighting, and no blocked tokens (its sampler blocks none).
+without 1/t weighting, no blocked tokens (its sampler blocks none), and its eval's decoding: Dream's
+sampler with top-k margin confidence over the prompt encoded alone (``DREAM_DECODING``).
 
 The variant is read from the config's fields, not its ``model_type`` alone: LaViDa registers its
 LLaDA variant under LLaDA-V's ``llava_llada``. Parity with the authors' code:
@@ -28,6 +29,11 @@ DREAM_EOS_ID = 151643  # <|endoftext|>: eos = pad (LaViDa's collator trains on i
 # it to gen_length and labels those, batch padding stays unlabelled: diffusion.labels=answer)
 # conv_dream (LLAMA_3 style over Dream's ChatML template) with LaViDa's system message; preprocess_dream
 # puts the image first in the user's message ("<image>\n" + text)
+# how LaViDa's eval decodes (eval/run_dream.sh): Dream's sampler, top-k margin confidence, the prompt
+# encoded alone (prefix_lm); top_k 50 is the model config's legacy default that Dream's generation
+# config takes up (the published generation_config.json sets none)
+DREAM_DECODING = {"diffusion.sampler": "dream", "diffusion.dream_alg": "topk_margin", "diffusion.top_k": 50,
+                  "diffusion.prefix_lm": True}
 CHAT_TEMPLATE = (
     "<|im_start|>system\n" + SYSTEM + "<|im_end|>\n"
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -140,7 +146,8 @@ def convert_lavida_dream(source: str | Path, target: str | Path, vision_config: 
         write_json(tmp / "defend_diffusion.json", {
             "model.family": "mdlm", "diffusion.mask_token_id": DREAM_MASK_ID, "diffusion.blocked_token_ids": [],
             "diffusion.inverse_t_weight": False, "diffusion.complementary_mask": True,
-            "diffusion.shifted_logits": True, "source": str(source), "source_model_type": config.get("model_type")})
+            "diffusion.shifted_logits": True, **DREAM_DECODING,
+            "source": str(source), "source_model_type": config.get("model_type")})
         for extra in ("generation_config.json", "preprocessor_config.json"):
             if (source / extra).is_file() and not (tmp / extra).is_file():
                 shutil.copy(source / extra, tmp / extra)

@@ -17,7 +17,7 @@ from defend.data.label_rules import label_rule
 from defend.models.base import VisionLanguageModel
 from defend.models.diffusion_loss import diffusion_noise
 from defend.models.scoring import ResponseScores, response_start
-from defend.models.diffusion_sampler import diffusion_generate
+from defend.models.diffusion_sampler import check_sampler_settings, diffusion_generate, dream_generate
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -39,6 +39,7 @@ class MaskedDiffusionVLM(VisionLanguageModel):
                 " (LLaDA: 126336, Dream/Dimple: 151666)."
             )
         self.mask_token_id = mask_id
+        check_sampler_settings(cfg.diffusion)
 
     @cached_property
     def label_rule(self):
@@ -103,23 +104,63 @@ class MaskedDiffusionVLM(VisionLanguageModel):
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], features: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> list[str]:
+        return self.decode(self.generate_tokens(batch, features, generator))
+
+    @torch.no_grad()
+    def generate_tokens(self, batch: dict[str, Any], features: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None,
+                        trace: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, gen_length) answer tokens by ``diffusion.sampler``; ``trace`` (sampler=dream) collects the
+        answer after every step."""
         d = self.cfg.diffusion
         features = self.image_features(batch) if features is None else features
-        scorer = CachedScorer(self, batch, features, d.cache)
-        tokens = diffusion_generate(
-            scorer,
-            batch["input_ids"],
-            batch["attention_mask"],
-            self.mask_token_id,
-            gen_length=d.gen_length,
-            steps=d.steps,
-            block_length=d.block_length,
-            temperature=d.temperature,
-            remasking=d.remasking,
-            generator=generator,
-            blocked_token_ids=d.blocked_token_ids,
-        )
-        return self.decode(tokens)
+        if d.sampler == "llada":
+            return diffusion_generate(
+                CachedScorer(self, batch, features, d.cache), batch["input_ids"], batch["attention_mask"],
+                self.mask_token_id, gen_length=d.gen_length, steps=d.steps, block_length=d.block_length,
+                temperature=d.temperature, remasking=d.remasking, generator=generator,
+                blocked_token_ids=d.blocked_token_ids)
+        scorer = PrefixLMScorer(self, batch, features) if d.prefix_lm else CachedScorer(self, batch, features, d.cache)
+        return dream_generate(
+            scorer, batch["input_ids"], batch["attention_mask"], self.mask_token_id, gen_length=d.gen_length,
+            steps=d.steps, alg=d.dream_alg, top_k=d.top_k, eps=d.eps, temperature=d.temperature,
+            generator=generator, blocked_token_ids=d.blocked_token_ids,
+            first_tokens=getattr(scorer, "first_tokens", None), trace=trace)
+
+
+class PrefixLMScorer:
+    """Prefix-LM decoding (LaViDa's ``prefix_lm``): the prompt runs once, alone, into a KV cache; every
+    step runs the answer against it (the prompt never sees the answer: exact, not an approximation).
+    With shifted logits the prompt's last position scores answer token 0: its argmax is ``first_tokens``
+    and answer token i is scored at answer position i-1."""
+
+    def __init__(self, vlm: MaskedDiffusionVLM, batch: dict[str, Any], features: torch.Tensor):
+        from transformers import DynamicCache
+
+        self.vlm, self.batch = vlm, batch
+        self.shift = int(vlm.cfg.diffusion.shifted_logits)
+        self.cache = DynamicCache()
+        inputs, injecting = vlm.answer_inputs(batch, batch["input_ids"], batch["attention_mask"], features)
+        head = {"logits_to_keep": 1} if vlm.takes_logits_to_keep else {}
+        with injecting:
+            self.prompt_logits = vlm.model(**inputs, cache=self.cache, use_cache=True, **head).logits[:, -1:]
+        blocked = vlm.cfg.diffusion.blocked_token_ids
+        last = self.prompt_logits[:, 0].clone()
+        if blocked:
+            last[:, blocked] = -torch.inf
+        self.first_tokens = last.argmax(-1) if self.shift else None
+
+    def refresh(self, tokens: torch.Tensor, attention_mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        prompt = self.batch["input_ids"].shape[1]
+        inputs = {**self.vlm.inputs_without_pixels(self.batch), "input_ids": tokens[:, prompt:],
+                  "attention_mask": attention_mask, "position_ids": position_ids_for(attention_mask)[:, prompt:]}
+        logits = self.vlm.model(**inputs, cache=self.cache, use_cache=True).logits
+        self.cache.crop(prompt - tokens.shape[1])  # the prompt's keys and values only
+        if self.shift:
+            logits = torch.cat([self.prompt_logits.to(logits.dtype), logits[:, :-1]], 1)
+        return logits[:, lo:hi]
+
+    step = refresh
 
 
 class CachedScorer:

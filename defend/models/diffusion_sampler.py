@@ -1,4 +1,5 @@
-"""Batched masked-diffusion sampling (LLaDA): semi-autoregressive blocks, remasking.
+"""Batched masked-diffusion sampling: LLaDA's (semi-autoregressive blocks, remasking) and Dream's (one
+block, a commit count from a linear time schedule, confidence by max probability, margin or entropy).
 
 Every row shares the layout (left-padded prompt, then ``gen_length`` masks), so each step commits
 the same number of tokens in every row: one forward pass per step for the whole batch.
@@ -22,6 +23,27 @@ def tokens_per_step(block_masks: int, steps: int) -> list[int]:
     """Spread ``block_masks`` commits over ``steps`` as evenly as possible, earlier steps first."""
     base, extra = divmod(block_masks, steps)
     return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+def check_sampler_settings(d) -> None:
+    """``diffusion.*`` sampler settings that fit together (a ``DiffusionConfig``); raises ConfigError."""
+    from defend.config import ConfigError
+
+    if d.gen_length < 1 or d.steps < 1:
+        raise ConfigError(f"diffusion.gen_length and diffusion.steps: must be at least 1, got {d.gen_length} and"
+                          f" {d.steps}.")
+    if d.prefix_lm and d.sampler != "dream":
+        raise ConfigError("diffusion.prefix_lm: LaViDa's prefix-LM decoding runs with Dream's sampler; set"
+                          " diffusion.sampler=dream, or diffusion.prefix_lm=false (diffusion.cache=prefix is LLaDA's).")
+    if d.top_k < 0:
+        raise ConfigError(f"diffusion.top_k: the number of largest logits kept (0: all), got {d.top_k}.")
+    if d.sampler == "llada":
+        if d.gen_length % d.block_length:
+            raise ConfigError(f"diffusion.gen_length ({d.gen_length}) must be a multiple of diffusion.block_length"
+                              f" ({d.block_length}).")
+        if d.steps % (d.gen_length // d.block_length):
+            raise ConfigError(f"diffusion.steps ({d.steps}) must be a multiple of the block count"
+                              f" ({d.gen_length // d.block_length}).")
 
 
 class BlockScorer(Protocol):
@@ -100,4 +122,85 @@ def diffusion_generate(
             if k:
                 chosen = confidence.topk(k, dim=-1).indices
                 window.scatter_(1, chosen, x0.gather(1, chosen))
+    return x[:, prompt_len:]
+
+
+def dream_commits(masks: int, steps: int, eps: float) -> list[int]:
+    """Dream's schedule: at step i of ``steps`` on times t = linspace(1, eps), int(m * (1 - s/t)) of the
+    m still masked are committed (s the next time), the last step commits what is left."""
+    times = torch.linspace(1, eps, steps + 1).tolist()
+    counts = []
+    for i in range(steps):
+        k = int(masks * (1 - times[i + 1] / times[i])) if i < steps - 1 else masks
+        counts.append(k)
+        masks -= k
+    return counts
+
+
+def dream_confidence(logits: torch.Tensor, alg: str, top_k: int, temperature: float,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, token) per position: probabilities over the ``top_k`` largest logits (0: all), the
+    argmax (temperature 0) or a sample; confidence its probability (maskgit_plus), top1 - top2
+    (topk_margin) or the negative entropy (entropy)."""
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[..., -1:], -torch.inf)
+    probs = F.softmax(logits, dim=-1)
+    if temperature > 0:
+        token = torch.multinomial(probs.flatten(0, -2), 1, generator=generator).view(probs.shape[:-1])
+        confidence = probs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+    else:
+        confidence, token = probs.max(dim=-1)
+    if alg == "topk_margin":
+        top2 = probs.topk(2, dim=-1).values
+        confidence = top2[..., 0] - top2[..., 1]
+    elif alg == "entropy":
+        confidence = (probs * torch.log(probs + 1e-10)).sum(-1)
+    elif alg != "maskgit_plus":
+        raise ValueError(f"diffusion.dream_alg: unknown {alg!r}; use maskgit_plus, topk_margin or entropy.")
+    return confidence, token
+
+
+@torch.no_grad()
+def dream_generate(
+    scorer: BlockScorer,
+    prompt_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask_token_id: int,
+    gen_length: int,
+    steps: int,
+    alg: str = "topk_margin",
+    top_k: int = 0,
+    eps: float = 1e-3,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    blocked_token_ids: list[int] | None = None,
+    first_tokens: torch.Tensor | None = None,
+    trace: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Dream's sampler (``DreamGenerationMixin._sample``) over ``gen_length`` masks after left-padded
+    prompts: the answer is one block, ``steps`` forwards. ``first_tokens`` (B,), when given, fill the
+    first answer position before the first step (LaViDa's prefix-LM decoding). ``trace`` collects the
+    answer after every step. Returns (B, gen_length) tokens."""
+    batch, prompt_len = prompt_ids.shape
+    x = torch.cat([prompt_ids, prompt_ids.new_full((batch, gen_length), mask_token_id)], dim=1)
+    if first_tokens is not None:
+        x[:, prompt_len] = first_tokens
+    mask = torch.cat([attention_mask, attention_mask.new_ones((batch, gen_length))], dim=1)
+    masks = int((x[0, prompt_len:] == mask_token_id).sum())
+    for n, k in enumerate(dream_commits(masks, steps, eps)):
+        logits = (scorer.refresh if n == 0 else scorer.step)(x, mask, 0, gen_length)  # (B, gen_length, V)
+        if blocked_token_ids:
+            logits = logits.clone()
+            logits[..., blocked_token_ids] = -torch.inf
+        confidence, token = dream_confidence(logits, alg, top_k, temperature, generator)
+        answer = x[:, prompt_len:]
+        confidence = torch.where(answer == mask_token_id, confidence, -torch.inf)
+        if k:
+            chosen = confidence.topk(k, dim=-1).indices
+            answer.scatter_(1, chosen, token.gather(1, chosen))
+        if trace is not None:
+            trace.append(answer.clone())
     return x[:, prompt_len:]

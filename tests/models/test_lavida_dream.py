@@ -101,6 +101,8 @@ def test_the_converted_folder_is_a_lavida_folder_with_dream_settings(converted):
     assert settings["diffusion.mask_token_id"] == DREAM_MASK_ID and settings["diffusion.blocked_token_ids"] == []
     assert settings["diffusion.shifted_logits"] is True and settings["diffusion.complementary_mask"] is True
     assert settings["diffusion.inverse_t_weight"] is False
+    assert settings["diffusion.sampler"] == "dream" and settings["diffusion.prefix_lm"] is True  # as its eval decodes
+    assert settings["diffusion.dream_alg"] == "topk_margin" and settings["diffusion.top_k"] == 50
 
 
 def test_each_converter_refuses_the_other_kind_naming_it(published, tmp_path):
@@ -181,75 +183,51 @@ def test_the_sft_loss_equals_the_reference_for_its_noise_draw(vlm, reference):
     assert abs(loss.item() - meta["loss"]["value"]) < 1e-5 * meta["loss"]["value"], (loss.item(), meta["loss"])
 
 
-def dream_sample(logits_of, gen_length: int, steps: int, alg: str, first: int | None = None, eps: float = 1e-3,
-                 top_k: int = 50):
-    """DreamGenerationMixin._sample at temperature 0 (LaViDa's llava/model/language_model/dream/
-    generation_utils.py): one block, int(masks * (1 - s/t)) tokens per step on linspace(1, eps) times,
-    probabilities over the top_k logits (50: the model config's legacy default, which
-    DreamGenerationConfig.from_model_config picks up), confidence = max prob (maskgit_plus), top1 - top2
-    (topk_margin) or -entropy; returns x and its history."""
-    x = torch.full((1, gen_length), DREAM_MASK_ID)
-    if first is not None:
-        x[:, 0] = first
-    steps = min(steps, gen_length)
-    times = torch.linspace(1, eps, steps + 1)
-    history = []
-    for i in range(steps):
-        masked = x == DREAM_MASK_ID
-        logits = logits_of(x)[masked]
-        logits = logits.masked_fill(logits < logits.topk(top_k).values[..., -1:], torch.finfo(logits.dtype).min)
-        probs = torch.softmax(logits, dim=-1)
-        confidence, x0 = probs.max(dim=-1)
-        if alg == "topk_margin":
-            top = probs.sort(dim=-1, descending=True).values
-            confidence = top[:, 0] - top[:, 1]
-        elif alg == "entropy":
-            confidence = (probs * torch.log(probs + 1e-10)).sum(-1)
-        count = int(masked.sum() * (1 - times[i + 1] / times[i])) if i < steps - 1 else int(masked.sum())
-        if count > 0:
-            chosen = torch.topk(confidence, count).indices
-            fill = torch.full_like(x0, DREAM_MASK_ID)
-            fill[chosen] = x0[chosen]
-            x[masked] = fill
-        history.append(x.clone())
-    return x, torch.stack(history, 1)
-
-
 @pytest.mark.parametrize("setting", SETTINGS)
-def test_dreams_sampler_on_our_model_gives_the_references_tokens(vlm, reference, setting):
-    """LaViDa-Dream decodes with Dream's sampler, not LLaDA's block-wise one (README: what differs), so its
-    steps are replayed here on our converted model: every step's committed tokens equal the reference's.
-    ``prefix_lm`` (eval/run_dream.sh): the prompt is encoded alone once, its last position's argmax is the
-    first answer token, and the answer then attends to that cache."""
-    from transformers import DynamicCache
+def test_dreams_sampler_gives_the_references_tokens_at_every_step(vlm, converted, reference, setting):
+    """``diffusion.sampler=dream`` (LaViDa-Dream decodes with Dream's sampler, not LLaDA's block-wise one):
+    the tokens committed at every step equal the reference's, for each confidence rule, uncached and with
+    LaViDa's ``prefix_lm`` (eval/run_dream.sh: the prompt encoded alone once, its last position's argmax the
+    first answer token, the answer attending to that cache)."""
+    from defend.models.diffusion import MaskedDiffusionVLM
 
     inputs, expected, meta = reference
-    model = vlm.model
     for row, image in enumerate(IMAGES):
         s = meta["generation"][str(row)][setting]["settings"]
+        cfg = load_config(None, [*settings_of(converted), "diffusion.cache=none", f"diffusion.steps={s['steps']}",
+                                 f"diffusion.gen_length={s['max_new_tokens']}", f"diffusion.dream_alg={s['alg']}",
+                                 f"diffusion.prefix_lm={str(s['prefix_lm']).lower()}",
+                                 f"diffusion.top_k={meta['generation_config']['top_k']}"])
         batch = batch_of(reference, [inputs[f"gen_prompt_ids.{row}"][0].tolist()], [image])
-        P, G = batch["input_ids"].shape[1], s["max_new_tokens"]
-        with torch.no_grad():
-            if s["prefix_lm"]:
-                cache = DynamicCache()
-                first = model(**batch, cache=cache, use_cache=True).logits[:, -1].argmax(-1).item()
-
-                def logits_of(x):
-                    out = model(input_ids=x, attention_mask=torch.ones(1, P + G, dtype=torch.long),
-                                position_ids=torch.arange(P, P + G)[None], cache=cache, use_cache=True).logits
-                    cache.crop(-G)  # keep the prompt only
-                    return torch.cat([out[:, :1], out[:, :-1]], 1)
-            else:
-                first = None
-
-                def logits_of(x):
-                    out = model(**{**batch, "input_ids": torch.cat([batch["input_ids"], x], 1),
-                                   "attention_mask": torch.ones(1, P + G, dtype=torch.long)}).logits
-                    return out[:, P - 1: P + G - 1]  # shifted: position i-1 scores token i
-
-            tokens, history = dream_sample(logits_of, G, s["steps"], s["alg"], first, top_k=meta["generation_config"]["top_k"])
-        assert torch.equal(history, expected[f"gen.{row}.{setting}.history"]), (row, setting)
+        trace: list[torch.Tensor] = []
+        tokens = MaskedDiffusionVLM(vlm.model, None, cfg).generate_tokens(batch, trace=trace)
+        assert torch.equal(torch.stack(trace, 1), expected[f"gen.{row}.{setting}.history"]), (row, setting)
         assert tokens[0].tolist() == meta["generation"][str(row)][setting]["tokens"], (row, setting)
+
+
+def test_the_dream_sampler_gives_batched_rows_the_answers_they_get_alone(vlm, converted, reference):
+    """Rows of different prompt lengths decoded together (left-padded to one length, padding unattended)
+    get the tokens each gets alone, with prefix_lm and uncached."""
+    from defend.models.diffusion import MaskedDiffusionVLM
+
+    inputs, _, meta = reference
+    prompts = [inputs[f"gen_prompt_ids.{row}"][0].tolist() for row in range(len(IMAGES))]
+    alone = [batch_of(reference, [p], [image]) for p, image in zip(prompts, IMAGES)]
+    longest = max(b["input_ids"].shape[1] for b in alone)
+    rows = []
+    for b in alone:  # left-pad each to the longest, as the collator does for generation
+        pad = longest - b["input_ids"].shape[1]
+        rows.append({**b, "input_ids": torch.cat([torch.full((1, pad), PAD), b["input_ids"]], 1),
+                     "attention_mask": torch.cat([torch.zeros(1, pad, dtype=torch.long), b["attention_mask"]], 1)})
+    together = {"input_ids": torch.cat([r["input_ids"] for r in rows]),
+                "attention_mask": torch.cat([r["attention_mask"] for r in rows]),
+                "pixel_values": batch_of(reference, prompts, IMAGES)["pixel_values"],
+                "image_sizes": torch.cat([r["image_sizes"] for r in rows])}
+    for extra in (["diffusion.prefix_lm=true"], ["diffusion.prefix_lm=false", "diffusion.cache=none"]):
+        cfg = load_config(None, [*settings_of(converted), *extra, "diffusion.steps=4", "diffusion.gen_length=8"])
+        model = MaskedDiffusionVLM(vlm.model, None, cfg)
+        expected = torch.cat([model.generate_tokens(b) for b in alone])
+        assert torch.equal(model.generate_tokens(together), expected), extra
 
 
 def test_defend_convert_lavida_dream_writes_the_folder_and_prints_how_to_run_it(published, converted, tmp_path, capsys):
