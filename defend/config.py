@@ -54,7 +54,9 @@ class TinyConfig:
 
 @dataclass
 class DatasetConfig:
-    name: Literal["easy_vqa", "easy_vqa_captions", "jsonl", "hf"] = "easy_vqa"
+    # easy_vqa_scenes: multi-word captions of each easy-vqa image (size, colour, shape, position; the
+    # captioning task of defense_results), defend/data/scene_captions.py
+    name: Literal["easy_vqa", "easy_vqa_captions", "easy_vqa_scenes", "jsonl", "hf"] = "easy_vqa"
     path: str | None = None  # jsonl file, or a datasets folder / parquet file for `hf`
     test_path: str | None = None  # the same, for the test split (recipes that need one)
     image_root: str | None = None  # where relative image paths of a jsonl file live

@@ -206,6 +206,10 @@ def load_samples(cfg: DatasetConfig, split: str | None = None) -> list[Sample]:
         samples = load_easy_vqa(split)
     elif cfg.name == "easy_vqa_captions":
         samples = load_easy_vqa_captions(split)
+    elif cfg.name == "easy_vqa_scenes":
+        from defend.data.scene_captions import load_easy_vqa_scenes
+
+        samples = load_easy_vqa_scenes(split)
     elif cfg.name == "jsonl":
         samples = load_jsonl(cfg, split)
     else:
