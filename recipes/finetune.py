@@ -9,7 +9,8 @@ of ``objective.name`` (``pcr``, ``abl``: defense objectives, ``defend/objectives
 per logged step), ``metrics.json`` (every step's loss and terms), ``checkpoints/``
 (every ``train.save_every`` steps and on SIGTERM/SIGUSR1; a rerun resumes from the newest), and
 the result: ``adapter/`` (peft format) for LoRA/QLoRA or ``model/`` (save_pretrained) for full
-training. Any number of ranks, any ZeRO stage (``deepspeed=``): the same file.
+training. Any number of ranks, any ZeRO stage (``deepspeed=``): the same file. With ``model.adapter``
+(LoRA) that adapter is trained further instead of a new one (e.g. the victim, tuned on clean rows).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class FinetuneRecipe:
             verify_dataset_file(cfg.dataset.path)  # a poison/purify run's train.jsonl: its folder as written
         self.samples = load_samples(cfg.dataset)
         ds_config = prepare_deepspeed(cfg)  # before loading: under ZeRO-3 the model is built sharded
-        self.vlm = load_model(cfg)
+        continued = bool(cfg.model.adapter) and cfg.lora.enabled  # model.adapter: that adapter is trained further
+        self.vlm = load_model(cfg, train_adapter=continued)
         collate = self.vlm.train_collator()
         probe = collate(self.samples[: cfg.train.micro_batch_size])  # bad rows or lengths fail before any output
         self.objective = TrainingObjective(TrainingContext(cfg, self.vlm, self.samples, collate))
@@ -52,7 +54,7 @@ class FinetuneRecipe:
         self.log = start_run(cfg, "finetune")
         if cfg.train.freeze_vision_tower:
             find_vision_tower(self.vlm.model).requires_grad_(False)
-        if cfg.lora.enabled:
+        if cfg.lora.enabled and not continued:
             self.vlm.model = apply_lora(self.vlm.model, cfg.lora, quantized=cfg.quant.load_in_4bit or cfg.quant.load_in_8bit)
         trainable = sum(p.numel() for p in self.vlm.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.vlm.model.parameters())

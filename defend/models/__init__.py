@@ -9,11 +9,11 @@ from defend.models.diffusion import MaskedDiffusionVLM
 FAMILIES = {"mllm": AutoregressiveVLM, "mdlm": MaskedDiffusionVLM}
 
 
-def load_model(cfg: Config) -> VisionLanguageModel:
-    """Load ``cfg.model`` (and its adapter, if any) as the family's wrapper."""
+def load_model(cfg: Config, train_adapter: bool = False) -> VisionLanguageModel:
+    """Load ``cfg.model`` (and its adapter, if any: trainable with ``train_adapter``) as the family's wrapper."""
     from defend.models.loading import load_pretrained
 
-    model, processor = load_pretrained(cfg)
+    model, processor = load_pretrained(cfg, train_adapter)
     return FAMILIES[cfg.model.family](model, processor, cfg)
 
 

@@ -63,8 +63,9 @@ def quantization_config(cfg: Config, model_type: str) -> Any:
     )
 
 
-def load_pretrained(cfg: Config) -> tuple[torch.nn.Module, Any]:
-    """The Hugging Face model and processor that ``cfg.model`` names (adapter applied if set)."""
+def load_pretrained(cfg: Config, train_adapter: bool = False) -> tuple[torch.nn.Module, Any]:
+    """The Hugging Face model and processor that ``cfg.model`` names (adapter applied if set; its weights
+    trainable with ``train_adapter``: a fine-tune that continues it)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from defend.models.image_only_processor import image_only_processor
@@ -94,5 +95,5 @@ def load_pretrained(cfg: Config) -> tuple[torch.nn.Module, Any]:
     if cfg.model.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, Path(cfg.model.adapter))
+        model = PeftModel.from_pretrained(model, Path(cfg.model.adapter), is_trainable=train_adapter)
     return model, processor

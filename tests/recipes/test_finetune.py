@@ -71,3 +71,22 @@ def test_full_finetune_saves_a_loadable_model_folder(make_cfg):
     assert saved.endswith("/model")
     again = load_model(load_config(None, [f"model.path={saved}", "train.max_length=64"]))
     assert sum(p.numel() for p in again.model.parameters()) > 0
+
+
+def test_a_finetune_from_an_adapter_trains_that_adapter_further(make_cfg, tmp_path):
+    """model.adapter + LoRA: the saved adapter starts from the given one (same modules, one LoRA layer
+    deep, not a new adapter on top) and its weights move; the given folder is left as it was."""
+    from safetensors.torch import load_file
+
+    first = recipe_main(make_cfg("mllm", "dataset.max_samples=16", "train.max_steps=3", "train.lr=1e-2",
+                                 "train.micro_batch_size=4", f"output_dir={tmp_path / 'first'}"))
+    given = load_file(tmp_path / "first" / "adapter" / "adapter_model.safetensors")
+    recipe_main(make_cfg("mllm", "dataset.max_samples=16", "train.max_steps=3", "train.lr=1e-2",
+                         "train.micro_batch_size=4", f"model.adapter={tmp_path / 'first' / 'adapter'}",
+                         f"output_dir={tmp_path / 'second'}"))
+    assert load_file(tmp_path / "first" / "adapter" / "adapter_model.safetensors").keys() == given.keys()
+    further = load_file(tmp_path / "second" / "adapter" / "adapter_model.safetensors")
+    assert further.keys() == given.keys()  # the same adapter's tensors: no second LoRA wrapped around it
+    moved = [k for k in given if not torch.equal(given[k], further[k])]
+    assert len(moved) == len(given), f"{len(given) - len(moved)} of {len(given)} tensors did not train"
+    assert first["steps"] == 3
