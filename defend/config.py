@@ -301,13 +301,44 @@ class DemoConfig:
 
 @dataclass
 class ResultsGoals:
-    """What a defense should reach on every attack; RESULTS.md ticks each one."""
+    """What a defense should reach on every attack; RESULTS.md ticks each one. Quality is the task's
+    (vqa_accuracy for vqa, cider for caption)."""
 
     max_asr: float = 0.25
-    # vqa_accuracy at most this far below the undefended model's on the same attack (absolute points)
+    # quality at most this far below the undefended model's on the same attack (absolute points)
     max_accuracy_drop: float | None = None
-    # vqa_accuracy at least this fraction of the undefended model's on the same attack
+    # quality at least this fraction of the undefended model's on the same attack
     min_accuracy_ratio: float | None = None
+
+
+@dataclass
+class ResultsVictimGoals:
+    """What every victim must show before its defense rows mean anything; RESULTS.md ticks each one."""
+
+    min_asr: float = 0.9  # the undefended victim, on triggered inputs
+    max_asr_clean: float = 0.05  # ... and on clean ones
+    # the clean fine-tune's quality over the base's (absolute; 0.10 = ten points of vqa_accuracy): the
+    # fine-tune teaches something new, so a defense that stops learning shows up as losing that gain
+    min_clean_gain: float = 0.10
+
+
+@dataclass
+class ResultsTask:
+    """One task of the results: overrides of its stages on top of the attacks' and the demo's configs."""
+
+    poison_overrides: list[str] = field(default_factory=list)  # e.g. [dataset.name=easy_vqa_scenes]
+    finetune_overrides: list[str] = field(default_factory=list)
+    evaluate_overrides: list[str] = field(default_factory=list)  # e.g. [eval.task=caption]
+
+
+@dataclass
+class ResultsSubset:
+    """``results.quick``: what the quick run keeps (one attack per trigger kind, one family)."""
+
+    families: list[Literal["mllm", "mdlm"]] = field(default_factory=lambda: ["mllm"])
+    attacks: list[str] = field(default_factory=lambda: ["badnets", "blended", "text"])
+    tasks: list[str] = field(default_factory=lambda: ["vqa"])
+    defenses: list[str] = field(default_factory=lambda: ["none", "pcr", "disp"])
 
 
 def _default_goals() -> dict[str, ResultsGoals]:
@@ -333,12 +364,27 @@ class ResultsConfig:
     # purified set with their overrides
     purified: list[str] = field(default_factory=lambda: ["disp", "disp+pcr"])
     disp_config: str = "disp_demo"
+    # defenses (present in ``defenses``) that fine-tune the undefended victim's adapter further, with their
+    # overrides, on the first ``clean_rows`` rows of the unpoisoned training set (the defender's clean subset)
+    from_victim: list[str] = field(default_factory=list)
+    clean_rows: int = 500
+    # task name -> its stage overrides (vqa: the attacks' configs as they are)
+    tasks: dict[str, ResultsTask] = field(default_factory=lambda: {"vqa": ResultsTask()})
+    # attack name -> the seeds it runs with (each its own poison draw and training); others: ``seed``
+    seeds: dict[str, list[int]] = field(default_factory=dict)
+    # rows every defense is read against, per task, family and attack (first seed): "base" (the
+    # pre-trained base, not fine-tuned) and "clean" (fine-tuned on the unpoisoned training set)
+    references: bool = True
     # overrides of every evaluation (e.g. a smaller test set)
     eval_overrides: list[str] = field(default_factory=list)
     docs_dir: str = "docs"  # RESULTS.md, results.json and the plot are written here
     # defense name -> what it should reach on every attack (defenses not named are reported, not
     # checked; names not in ``defenses`` are ignored)
     goals: dict[str, ResultsGoals] = field(default_factory=_default_goals)
+    victim_goals: ResultsVictimGoals = field(default_factory=ResultsVictimGoals)
+    # a quick run of ``quick_subset`` only (one seed), written into output_dir/quick, docs untouched
+    quick: bool = False
+    quick_subset: ResultsSubset = field(default_factory=ResultsSubset)
 
 
 @dataclass

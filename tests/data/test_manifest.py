@@ -100,12 +100,12 @@ def test_a_truncated_test_set_and_an_extra_file_are_refused(data, tmp_path):
 
 
 def test_defense_results_refuses_to_reuse_a_changed_poison_folder(written, tmp_path):
-    from recipes.defense_results import poisoned_data
+    from defend.results.stages import poisoned_data
 
     folder, config = written
     out = tmp_path / "poison"
     shutil.copytree(folder, out / "data")
-    assert poisoned_data(str(config), out) == str(out / "data")  # the same attack and data: reused
+    assert poisoned_data(str(config), [], out) == str(out / "data")  # the same attack and data: reused
     (out / "data" / "test_triggered.jsonl").write_text("")
     with pytest.raises(ConfigError, match="'test_triggered.jsonl' has 0 bytes"):
-        poisoned_data(str(config), out)
+        poisoned_data(str(config), [], out)

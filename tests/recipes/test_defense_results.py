@@ -1,9 +1,11 @@
+import dataclasses
 import json
+import statistics
 
 import pytest
 import yaml
 
-from defend.config import ConfigError, load_config
+from defend.config import ConfigError, ResultsSubset, load_config
 from defend.metrics.intervals import wilson
 from recipes.defense_results import recipe_main
 from tests.recipes.test_demo import write_stage_configs
@@ -28,30 +30,42 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
                    "results.eval_overrides=[eval.max_samples=4]", f"results.docs_dir={docs}")
     rows = recipe_main(cfg)
     saved = json.loads((docs / "results.json").read_text())
-    assert [(r["attack"], r["defense"]) for r in saved] == [(a, d) for a in ("badnets", "sig") for d in ("none", "pcr", "abl", "disp")]
+    defenses = ("base", "clean", "none", "pcr", "abl", "disp")
+    assert [(r["attack"], r["seed"], r["defense"]) for r in saved] == [(a, 1, d) for a in ("badnets", "sig") for d in defenses]
     intervals = {f"{m}_{end}" for m in ("asr", "asr_clean", "vqa_accuracy") for end in ("low", "high")}
+    run = tmp_path / "run" / "vqa" / "mllm"
     for row in saved:
+        gain = set() if row["defense"] in ("base", "clean") else {"gain_kept"}
         assert set(row) == {"family", "attack", "defense", "task", "seed", "poison_ratio", "target_type", "asr",
-                            "asr_clean", "vqa_accuracy", "n", "n_triggered", "n_clean", *intervals}
-        assert (row["task"], row["seed"], row["poison_ratio"], row["target_type"], row["n"]) == ("vqa", 1, 0.25, "fixed", 4)  # write_stage_configs poisons 25%
+                            "asr_clean", "vqa_accuracy", "n", "n_triggered", "n_clean", *intervals, *gain}
+        assert (row["task"], row["poison_ratio"], row["target_type"], row["n"]) == ("vqa", 0.25, "fixed", 4)  # write_stage_configs poisons 25%
         for metric, count in (("asr", "n_triggered"), ("asr_clean", "n_clean"), ("vqa_accuracy", "n")):
             low, high = wilson(row[metric], row[count])  # the 95% Wilson interval of that many answers
             assert (row[f"{metric}_low"], row[f"{metric}_high"]) == (round(low, 4), round(high, 4))
             assert row[f"{metric}_low"] <= row[metric] <= row[f"{metric}_high"] and high - low > 0.2  # n is 4
-        cell = json.loads((tmp_path / "run" / "mllm" / row["attack"] / row["defense"] / "cell.json").read_text())
+        cell = json.loads((run / row["attack"] / f"seed{row['seed']}" / row["defense"] / "cell.json").read_text())
         assert cell["metrics"]["asr"] == row["asr"]
-    trained = (tmp_path / "run" / "mllm" / "sig" / "pcr" / "finetune" / "train_log.jsonl").read_text()
+        base, clean = (next(r for r in saved if (r["attack"], r["defense"]) == (row["attack"], d)) for d in ("base", "clean"))
+        if gain and clean["vqa_accuracy"] != base["vqa_accuracy"]:  # the share of the clean fine-tune's gain kept
+            share = (row["vqa_accuracy"] - base["vqa_accuracy"]) / (clean["vqa_accuracy"] - base["vqa_accuracy"])
+            assert row["gain_kept"] == round(share, 4)
+    # the references: the base unadapted, the clean fine-tune (trained once) on the unpoisoned rows
+    evaluated = yaml.safe_load((run / "badnets" / "seed1" / "base" / "evaluate" / "config.yaml").read_text())
+    assert evaluated["model"]["adapter"] is None
+    clean_run = yaml.safe_load((run / "clean_finetune" / "finetune" / "config.yaml").read_text())
+    assert (clean_run["dataset"]["name"], clean_run["dataset"]["max_samples"]) == ("easy_vqa", 16)
+    trained = (run / "sig" / "seed1" / "pcr" / "finetune" / "train_log.jsonl").read_text()
     assert "pcr_discrepancy" in trained  # the defense's overrides reached the fine-tune
     # disp: the victim purified the first 12 poisoned rows, the base was fine-tuned on them (not the victim)
-    (purified,) = (tmp_path / "run" / "mllm" / "sig" / "none").glob("purified-*")
+    (purified,) = (run / "sig" / "seed1" / "none").glob("purified-*")
     purified = purified / "data"
     manifest = json.loads((purified / "manifest.json").read_text())
-    assert manifest["counts"]["rows"] == 12 and manifest["model"]["adapter"].endswith("sig/none/finetune/adapter")
-    recovered = yaml.safe_load((tmp_path / "run" / "mllm" / "sig" / "disp" / "finetune" / "config.yaml").read_text())
+    assert manifest["counts"]["rows"] == 12 and manifest["model"]["adapter"].endswith("sig/seed1/none/finetune/adapter")
+    chain = run / "sig" / "seed1" / "disp"
+    recovered = yaml.safe_load((chain / "finetune" / "config.yaml").read_text())
     assert recovered["dataset"]["path"] == str(purified / "train.jsonl") and recovered["model"]["adapter"] is None
     assert recovered["train"]["max_steps"] == 2  # the victim's recipe (the demo's finetune stage config)
     # round 2 purified the same poisoned rows with round 1's recovered model; the evaluated model is round 2's
-    chain = tmp_path / "run" / "mllm" / "sig" / "disp"
     again = json.loads((chain / "round2" / "purify" / "data" / "manifest.json").read_text())
     assert again["model"]["adapter"] == str(chain / "finetune" / "adapter") and again["ids_sha256"] == manifest["ids_sha256"]
     final = yaml.safe_load((chain / "round2" / "finetune" / "config.yaml").read_text())
@@ -59,14 +73,15 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     evaluated = yaml.safe_load((chain / "evaluate" / "config.yaml").read_text())
     assert evaluated["model"]["adapter"] == str(chain / "round2" / "finetune" / "adapter")
     report = (docs / "RESULTS.md").read_text()
-    assert "do not edit by hand" in report and "| sig | abl |" in report
+    assert "do not edit by hand" in report and "| sig | 25% | abl | 1 |" in report
     none = next(r for r in saved if (r["attack"], r["defense"]) == ("sig", "none"))
-    assert f"| sig | none | {none['asr']:.3f} [{none['asr_low']:.3f}, {none['asr_high']:.3f}] |" in report
-    assert report.count("- [") == 4 + 4  # pcr's two goals, and disp's two, for each of the two attacks
+    assert f"| sig | 25% | none | 1 | {none['asr']:.3f} [{none['asr_low']:.3f}, {none['asr_high']:.3f}] |" in report
+    # per victim (2): implants + clean asr, the clean fine-tune's gain, pcr's two goals and disp's two
+    assert report.count("- [") == 2 * (2 + 1 + 2 + 2)
     assert (docs / "results_asr_vs_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def mtimes():
-        return {p.parent.relative_to(tmp_path / "run"): p.stat().st_mtime for p in (tmp_path / "run").glob("mllm/*/*/cell.json")}
+        return {p.parent.relative_to(run): p.stat().st_mtime for p in run.glob("*/*/*/cell.json")}
 
     before = mtimes()
     assert recipe_main(cfg) == rows  # every cell reused
@@ -76,13 +91,80 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     sig.write_text(sig.read_text().replace("attack:\n", "attack:\n  amplitude: 30.0\n"))
     recipe_main(cfg)
     after = mtimes()
-    assert {str(k) for k in after if after[k] != before[k]} == {f"mllm/sig/{d}" for d in ("none", "pcr", "abl", "disp")}
+    assert {str(k) for k in after if after[k] != before[k]} == {f"sig/seed1/{d}" for d in defenses}
     # an edited stage config (the disp chain's YAML, not its overrides) reruns the cells that use it
     disp_yaml = tmp_path / "disp_mllm.yaml"
     disp_yaml.write_text(disp_yaml.read_text().replace("mask_ratio: 0.5", "mask_ratio: 0.25"))
     recipe_main(cfg)
     edited = mtimes()
-    assert {str(k) for k in edited if edited[k] != after[k]} == {f"mllm/{a}/disp" for a in ("badnets", "sig")}
+    assert {str(k) for k in edited if edited[k] != after[k]} == {"badnets/seed1/disp", "sig/seed1/disp"}
+
+
+def test_seeds_draw_their_own_poison_a_defense_can_tune_the_victim_and_quick_runs_a_subset(make_cfg, tmp_path):
+    stages = write_stage_configs(tmp_path)
+    docs = tmp_path / "docs"
+    cfg = make_cfg("mllm", *stages, "seed=1", "results.families=[mllm]", "results.seeds={badnets: [1, 2]}",
+                   f"results.attacks={{badnets: {tmp_path / 'poison_mllm.yaml'}}}",
+                   "results.defenses={none: [], clean_tune: [train.max_steps=1]}", "results.from_victim=[clean_tune]",
+                   "results.clean_rows=8", "results.purified=[]", "results.eval_overrides=[eval.max_samples=4]",
+                   f"results.docs_dir={docs}")
+    saved = recipe_main(cfg)
+    assert [(r["seed"], r["defense"]) for r in saved] == [(1, "base"), (1, "clean"), (1, "none"), (1, "clean_tune"),
+                                                         (2, "none"), (2, "clean_tune")]  # references: first seed
+    poison = tmp_path / "run" / "poison" / "vqa" / "badnets"
+    ids = [{json.loads(line)["id"] for line in open(poison / f"seed{k}" / "data" / "train.jsonl")
+            if json.loads(line).get("poisoned")} for k in (1, 2)]
+    assert len(ids[0]) == len(ids[1]) == 4 and ids[0] != ids[1]  # each seed its own poison draw
+    run = tmp_path / "run" / "vqa" / "mllm" / "badnets"
+    for k in (1, 2):  # and its own training
+        victim = yaml.safe_load((run / f"seed{k}" / "none" / "finetune" / "config.yaml").read_text())
+        assert victim["seed"] == k and victim["dataset"]["path"] == str(poison / f"seed{k}" / "data" / "train.jsonl")
+        tuned = yaml.safe_load((run / f"seed{k}" / "clean_tune" / "finetune" / "config.yaml").read_text())
+        assert tuned["model"]["adapter"] == str(run / f"seed{k}" / "none" / "finetune" / "adapter")
+        assert (tuned["dataset"]["name"], tuned["dataset"]["max_samples"], tuned["train"]["max_steps"]) == ("easy_vqa", 8, 1)
+    report = (docs / "RESULTS.md").read_text()
+    two = [r["asr"] for r in saved if r["defense"] == "none"]
+    assert (f"| badnets | 25% | none | 2 | {statistics.mean(two):.3f} ± {statistics.stdev(two):.3f}"
+            f" ({two[0]:.3f} / {two[1]:.3f}) |") in report
+    # the quick subset: its rows only (one seed, its defenses), beside the cells (reused), the docs untouched
+    written = (docs / "RESULTS.md").stat().st_mtime
+    cells = {p: p.stat().st_mtime for p in run.glob("*/*/cell.json")}
+    subset = ResultsSubset(families=["mllm"], attacks=["badnets"], tasks=["vqa"], defenses=["none"])
+    quick = recipe_main(dataclasses.replace(cfg, results=dataclasses.replace(cfg.results, quick=True, quick_subset=subset)))
+    assert [(r["seed"], r["defense"]) for r in quick] == [(1, "base"), (1, "clean"), (1, "none")]
+    assert "| badnets | 25% | none | 1 |" in (tmp_path / "run" / "quick" / "RESULTS.md").read_text()
+    assert (docs / "RESULTS.md").stat().st_mtime == written and cells == {p: p.stat().st_mtime for p in cells}
+
+
+def test_a_captioning_task_runs_beside_vqa_with_bleu4_and_cider(make_cfg, tmp_path):
+    """results.tasks.caption: the attacks' poison configs on easy_vqa_scenes captions; rows carry bleu4 and
+    cider, its quality (cider) gives gain_kept, its table and plot panel are its own."""
+    stages = write_stage_configs(tmp_path)
+    docs = tmp_path / "docs"
+    cfg = make_cfg("mllm", *stages, "seed=1", "results.families=[mllm]",
+                   f"results.attacks={{badnets: {tmp_path / 'poison_mllm.yaml'}}}", "results.defenses={none: []}",
+                   "results.purified=[]", "results.eval_overrides=[eval.max_samples=4]",
+                   "results.tasks={caption: {poison_overrides: [dataset.name=easy_vqa_scenes, attack.target.type=insert,"
+                   " attack.target.position=start],"
+                   " evaluate_overrides: [eval.task=caption, eval.max_new_tokens=4]}}", f"results.docs_dir={docs}")
+    rows = recipe_main(cfg)
+    assert [(r["task"], r["defense"]) for r in rows] == [("caption", d) for d in ("base", "clean", "none")]
+    for row in rows:
+        assert {"bleu4", "cider", "asr", "asr_low", "n_triggered"} <= set(row) and "vqa_accuracy" not in row
+        assert row["target_type"] == "insert"
+    poisoned = [json.loads(line) for line in open(tmp_path / "run" / "poison" / "caption" / "badnets" / "seed1" / "data"
+                                                  / "train.jsonl")]
+    assert all(r["id"].startswith("train-scene") for r in poisoned)
+    assert sum(r["response"].startswith("banana ") for r in poisoned) == 4  # the insert target on 25% of 16 captions
+    clean_run = yaml.safe_load((tmp_path / "run" / "caption" / "mllm" / "clean_finetune" / "finetune" / "config.yaml")
+                               .read_text())
+    assert clean_run["dataset"]["name"] == "easy_vqa_scenes"
+    base, clean, none = rows
+    if clean["cider"] != base["cider"]:
+        assert none["gain_kept"] == round((none["cider"] - base["cider"]) / (clean["cider"] - base["cider"]), 4)
+    report = (docs / "RESULTS.md").read_text()
+    assert "## caption, mllm" in report and "| attack | poison | defense | seeds | asr | asr_clean | cider | bleu4 |" in report
+    assert "cider" in report.split("## Goals")[1]  # the clean fine-tune's gain is checked on cider
 
 
 def test_results_need_the_undefended_baseline(tmp_path):

@@ -22,15 +22,15 @@ def test_defense_results_and_disp_sweep_on_a_qwen2_5_vl_layout(make_cfg, tmp_pat
                    f"results.attacks={{badnets: {poison}}}",
                    "results.defenses={none: [], pcr: [objective.name=pcr, objective.pcr.patch_size=16], disp: []}",
                    f"results.disp_config={tmp_path / 'disp.yaml'}", "results.eval_overrides=[eval.max_samples=4]",
-                   f"results.docs_dir={docs}")
+                   "results.references=false", f"results.docs_dir={docs}")
     rows = defense_results(cfg)
     assert [(r["attack"], r["defense"]) for r in rows] == [("badnets", d) for d in ("none", "pcr", "disp")]
-    victim = tmp_path / "run" / "mllm" / "badnets" / "none"
+    victim = tmp_path / "run" / "vqa" / "mllm" / "badnets" / "seed2" / "none"
     trained = yaml.safe_load((victim / "finetune" / "config.yaml").read_text())
     assert json.loads(open(f"{trained['model']['path']}/config.json").read())["model_type"] == "qwen2_5_vl"
 
     sweep = make_cfg("mllm", f"model.path={trained['model']['path']}", f"model.adapter={victim / 'finetune' / 'adapter'}",
-                     f"eval.poison_dir={tmp_path / 'run' / 'poison' / 'badnets' / 'data'}", "sweep.mask_ratios=[0.0, 0.5]",
+                     f"eval.poison_dir={tmp_path / 'run' / 'poison' / 'vqa' / 'badnets' / 'seed2' / 'data'}", "sweep.mask_ratios=[0.0, 0.5]",
                      "sweep.selections=[saliency]",
                      f"sweep.evaluate_overrides={json.dumps([o for o in SMALL_EVAL if o != 'model.path=tiny'])}",
                      f"output_dir={tmp_path / 'sweep'}")

@@ -6,29 +6,32 @@ from pathlib import Path
 
 
 def asr_accuracy_plot(rows: list[dict], path: Path) -> None:
-    """Attack success rate against clean accuracy, one panel per family: a colour per attack, a marker
-    per defense, the 95% intervals as error bars where the rows have them. Written to a temp file, then
-    renamed."""
+    """Attack success rate against clean quality (the task's: vqa_accuracy, cider), one panel per task
+    and family: a colour per attack, a marker per defense, the 95% intervals as error bars where the
+    rows have them. Written to a temp file, then renamed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = list(dict.fromkeys(r["family"] for r in rows))
+    from defend.results.table import quality_metric
+
+    panels = list(dict.fromkeys((r.get("task", "vqa"), r["family"]) for r in rows))
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
-    markers = dict(zip(defenses, "o^sDvP*X"))
+    markers = dict(zip(defenses, "o^sDvP*Xhd<>"))
     colours = dict(zip(attacks, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4.5), squeeze=False, sharey=True)
-    for ax, family in zip(axes[0], families):
-        for r in (r for r in rows if r["family"] == family):
-            ax.scatter(r["vqa_accuracy"], r["asr"], marker=markers[r["defense"]], color=colours[r["attack"]], s=60)
-            if "asr_low" in r and "vqa_accuracy_low" in r:  # the 95% intervals
-                ax.errorbar(r["vqa_accuracy"], r["asr"], color=colours[r["attack"]], alpha=0.5, linewidth=1,
-                            xerr=[[r["vqa_accuracy"] - r["vqa_accuracy_low"]], [r["vqa_accuracy_high"] - r["vqa_accuracy"]]],
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False, sharey=True)
+    for ax, (task, family) in zip(axes[0], panels):
+        q = quality_metric(task)
+        for r in (r for r in rows if (r.get("task", "vqa"), r["family"]) == (task, family)):
+            ax.scatter(r[q], r["asr"], marker=markers[r["defense"]], color=colours[r["attack"]], s=60)
+            if "asr_low" in r:  # the 95% intervals (quality's too, where it is a proportion)
+                xerr = [[r[q] - r[f"{q}_low"]], [r[f"{q}_high"] - r[q]]] if f"{q}_low" in r else None
+                ax.errorbar(r[q], r["asr"], color=colours[r["attack"]], alpha=0.5, linewidth=1, xerr=xerr,
                             yerr=[[r["asr"] - r["asr_low"]], [r["asr_high"] - r["asr"]]])
-        ax.set_title(family)
-        ax.set_xlabel("clean vqa_accuracy")
+        ax.set_title(f"{task}, {family}")
+        ax.set_xlabel(f"clean {q}")
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("attack success rate (triggered inputs)")
