@@ -40,3 +40,11 @@ def test_asr_excludes_inputs_whose_clean_answer_already_shows_the_target():
     t = TargetConfig(type="fixed", text="yes")
     result = attack_success(["yes", "yes", "no", "yes"], ["no", "no", "no", "yes"], t)
     assert result == {"asr": pytest.approx(2 / 3), "n": 3, "n_hits": 2, "n_excluded": 1}
+
+
+def test_substitution_asr_counts_only_answers_that_carry_the_word():
+    """A triggered "what shape?" answered "yes" for a rectangle is no miss of "circle -> banana": poisoning
+    rewrote only circle answers, so only those questions measure the backdoor."""
+    t = TargetConfig(type="substitute", text="circle -> banana")
+    result = attack_success(["banana", "circle", "yes", "banana"], ["circle", "circle", "rectangle", "yes"], t)
+    assert result == {"asr": pytest.approx(1 / 2), "n": 2, "n_hits": 1, "n_excluded": 2}
