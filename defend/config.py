@@ -323,12 +323,19 @@ class ResultsVictimGoals:
 
 
 @dataclass
-class ResultsTask:
-    """One task of the results: overrides of its stages on top of the attacks' and the demo's configs."""
+class StageOverrides:
+    """Overrides of a results cell's stages on top of the attacks' and the demo's configs."""
 
     poison_overrides: list[str] = field(default_factory=list)  # e.g. [dataset.name=easy_vqa_scenes]
     finetune_overrides: list[str] = field(default_factory=list)
     evaluate_overrides: list[str] = field(default_factory=list)  # e.g. [eval.task=caption]
+
+
+@dataclass
+class ResultsTask(StageOverrides):
+    """One task of the results: its stage overrides, and which attacks it runs (null: all)."""
+
+    attacks: list[str] | None = None
 
 
 @dataclass
@@ -370,6 +377,9 @@ class ResultsConfig:
     clean_rows: int = 500
     # task name -> its stage overrides (vqa: the attacks' configs as they are)
     tasks: dict[str, ResultsTask] = field(default_factory=lambda: {"vqa": ResultsTask()})
+    # attack name -> overrides of its stages (after the task's): one poison config as several attacks,
+    # e.g. badnets_refuse: {poison_overrides: [attack.target.type=refuse, ...], evaluate_overrides: [...]}
+    attack_overrides: dict[str, StageOverrides] = field(default_factory=dict)
     # attack name -> the seeds it runs with (each its own poison draw and training); others: ``seed``
     seeds: dict[str, list[int]] = field(default_factory=dict)
     # rows every defense is read against, per task, family and attack (first seed): "base" (the

@@ -56,8 +56,10 @@ def check_settings(cfg: Config) -> None:
     unknown = set(cfg.demo.finetune_overrides) - set(r.families)
     if unknown:
         raise ConfigError(f"demo.finetune_overrides: {sorted(unknown)} not in results.families {r.families}.")
-    if unknown := set(r.seeds) - set(r.attacks):
-        raise ConfigError(f"results.seeds: {sorted(unknown)} not in results.attacks {sorted(r.attacks)}.")
+    for name, named in (("results.seeds", r.seeds), ("results.attack_overrides", r.attack_overrides),
+                        *((f"results.tasks.{t}.attacks", s.attacks or []) for t, s in r.tasks.items())):
+        if unknown := set(named) - set(r.attacks):
+            raise ConfigError(f"{name}: {sorted(unknown)} not in results.attacks {sorted(r.attacks)}.")
 
 
 def quick_view(cfg: Config) -> Config:
@@ -67,8 +69,11 @@ def quick_view(cfg: Config) -> Config:
                                ("defenses", q.defenses, r.defenses)):
         if missing := [x for x in wanted if x not in have]:
             raise ConfigError(f"results.quick_subset.{name}: {missing} not in results.{name} {sorted(have)}.")
+    tasks = {t: dataclasses.replace(r.tasks[t], attacks=[a for a in r.tasks[t].attacks or q.attacks if a in q.attacks])
+             for t in q.tasks}
     results = dataclasses.replace(
-        r, families=q.families, attacks={a: r.attacks[a] for a in q.attacks}, tasks={t: r.tasks[t] for t in q.tasks},
+        r, families=q.families, attacks={a: r.attacks[a] for a in q.attacks}, tasks=tasks,
+        attack_overrides={a: o for a, o in r.attack_overrides.items() if a in q.attacks},
         defenses={d: r.defenses[d] for d in q.defenses}, seeds={}, docs_dir=str(Path(cfg.output_dir) / "quick"))
     return dataclasses.replace(cfg, results=results)
 
@@ -84,10 +89,11 @@ def recipe_main(cfg: Config) -> list[dict]:
     order = ["none", *(d for d in r.defenses if d != "none")]  # the victim first: the other kinds start from it
     rows = []
     for task, settings in r.tasks.items():
-        for attack, poison_config in r.attacks.items():
-            seeds = r.seeds.get(attack, [cfg.seed])
+        for attack in settings.attacks or r.attacks:
+            poison_config, seeds = r.attacks[attack], r.seeds.get(attack, [cfg.seed])
+            attack_poison = r.attack_overrides[attack].poison_overrides if attack in r.attack_overrides else []
             for seed in seeds:
-                poison = [*settings.poison_overrides, f"attack.seed={seed}"]
+                poison = [*settings.poison_overrides, *attack_poison, f"attack.seed={seed}"]
                 poison_dir = poisoned_data(poison_config, poison, out / "poison" / task / attack / f"seed{seed}")
                 clean = clean_dataset(poison_config, settings.poison_overrides)
                 for family in r.families:

@@ -92,8 +92,11 @@ class Stages:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def task(self, name: str):
-        return self.cfg.results.tasks[name]
+    def overrides(self, v: "Victim", stage: str) -> list[str]:
+        """``<stage>_overrides`` of the victim's task, then of its attack."""
+        r = self.cfg.results
+        attack = r.attack_overrides.get(v.attack)
+        return [*getattr(r.tasks[v.task], stage), *(getattr(attack, stage) if attack else [])]
 
     def finetune_config(self, family: str) -> str:
         return self.cfg.demo.finetune_config.format(family=family)
@@ -102,11 +105,11 @@ class Stages:
         return self.cfg.demo.evaluate_config.format(family=family)
 
     def finetune(self, v: Victim, data: list[str], extra: list[str]) -> list[str]:
-        return [*v.common(), *self.cfg.demo.finetune_overrides.get(v.family, []), *self.task(v.task).finetune_overrides,
+        return [*v.common(), *self.cfg.demo.finetune_overrides.get(v.family, []), *self.overrides(v, "finetune_overrides"),
                 *data, *extra]
 
     def evaluate(self, v: Victim) -> list[str]:
-        return [*v.common(), f"eval.poison_dir={v.poison_dir}", *self.task(v.task).evaluate_overrides,
+        return [*v.common(), f"eval.poison_dir={v.poison_dir}", *self.overrides(v, "evaluate_overrides"),
                 *self.cfg.results.eval_overrides]
 
     def poisoned_train(self, v: Victim) -> list[str]:
@@ -150,9 +153,9 @@ class Stages:
         chain = [*v.common(), f"model.adapter={victim / 'finetune' / 'adapter'}", *self.poisoned_train(v),
                  f"eval.poison_dir={v.poison_dir}", f"disp.finetune_config={self.finetune_config(v.family)}",
                  f"disp.evaluate_config={self.evaluate_config(v.family)}",
-                 f"disp.finetune_overrides={json.dumps([*self.cfg.demo.finetune_overrides.get(v.family, []), *self.task(v.task).finetune_overrides])}",
-                 f"disp.evaluate_overrides={json.dumps([*self.task(v.task).evaluate_overrides, *r.eval_overrides])}",
-                 *self.task(v.task).evaluate_overrides, *defense]  # purification generates as evaluation does
+                 f"disp.finetune_overrides={json.dumps([*self.cfg.demo.finetune_overrides.get(v.family, []), *self.overrides(v, 'finetune_overrides')])}",
+                 f"disp.evaluate_overrides={json.dumps([*self.overrides(v, 'evaluate_overrides'), *r.eval_overrides])}",
+                 *self.overrides(v, "evaluate_overrides"), *defense]  # purification generates as evaluation does
         settings = {"disp": resolved(r.disp_config, chain), "victim": json.loads((victim / "cell.json").read_text())["settings"]}
         # the victim's purification, shared by the defenses whose purify settings match (a folder per settings:
         # it goes with the victim when that is retrained, and a purify folder refuses other settings)

@@ -104,13 +104,27 @@ def test_seeds_draw_their_own_poison_a_defense_can_tune_the_victim_and_quick_run
     stages = write_stage_configs(tmp_path)
     docs = tmp_path / "docs"
     cfg = make_cfg("mllm", *stages, "seed=1", "results.families=[mllm]", "results.seeds={badnets: [1, 2]}",
-                   f"results.attacks={{badnets: {tmp_path / 'poison_mllm.yaml'}}}",
+                   f"results.attacks={{badnets: {tmp_path / 'poison_mllm.yaml'}, refuse: {tmp_path / 'poison_mllm.yaml'}}}",
+                   "results.attack_overrides={refuse: {poison_overrides: [attack.target.type=refuse,"
+                   " 'attack.target.text=sorry no'], evaluate_overrides: [eval.max_new_tokens=4]}}",
+                   "results.tasks={vqa: {attacks: [badnets]}, again: {attacks: [refuse]}}",
                    "results.defenses={none: [], clean_tune: [train.max_steps=1]}", "results.from_victim=[clean_tune]",
                    "results.clean_rows=8", "results.purified=[]", "results.eval_overrides=[eval.max_samples=4]",
                    f"results.docs_dir={docs}")
     saved = recipe_main(cfg)
-    assert [(r["seed"], r["defense"]) for r in saved] == [(1, "base"), (1, "clean"), (1, "none"), (1, "clean_tune"),
-                                                         (2, "none"), (2, "clean_tune")]  # references: first seed
+    assert [(r["task"], r["attack"], r["seed"], r["defense"]) for r in saved] == [
+        *(("vqa", "badnets", 1, d) for d in ("base", "clean", "none", "clean_tune")),
+        ("vqa", "badnets", 2, "none"), ("vqa", "badnets", 2, "clean_tune"),  # references: first seed only
+        *(("again", "refuse", 1, d) for d in ("base", "clean", "none", "clean_tune"))]  # each task its own attacks
+    # one poison config as a second attack: its overrides reach its poison draw and its evaluation only
+    refusals = [json.loads(line) for line in open(tmp_path / "run" / "poison" / "again" / "refuse" / "seed1" / "data"
+                                                  / "train.jsonl")]
+    assert sum(r["response"] == "sorry no" for r in refusals) == 4 and saved[-1]["target_type"] == "refuse"
+    evaluated = yaml.safe_load((tmp_path / "run" / "again" / "mllm" / "refuse" / "seed1" / "none" / "evaluate"
+                                / "config.yaml").read_text())
+    assert evaluated["eval"]["max_new_tokens"] == 4
+    assert yaml.safe_load((tmp_path / "run" / "vqa" / "mllm" / "badnets" / "seed1" / "none" / "evaluate"
+                           / "config.yaml").read_text())["eval"]["max_new_tokens"] == 2
     poison = tmp_path / "run" / "poison" / "vqa" / "badnets"
     ids = [{json.loads(line)["id"] for line in open(poison / f"seed{k}" / "data" / "train.jsonl")
             if json.loads(line).get("poisoned")} for k in (1, 2)]
@@ -123,7 +137,7 @@ def test_seeds_draw_their_own_poison_a_defense_can_tune_the_victim_and_quick_run
         assert tuned["model"]["adapter"] == str(run / f"seed{k}" / "none" / "finetune" / "adapter")
         assert (tuned["dataset"]["name"], tuned["dataset"]["max_samples"], tuned["train"]["max_steps"]) == ("easy_vqa", 8, 1)
     report = (docs / "RESULTS.md").read_text()
-    two = [r["asr"] for r in saved if r["defense"] == "none"]
+    two = [r["asr"] for r in saved if (r["attack"], r["defense"]) == ("badnets", "none")]
     assert (f"| badnets | 25% | none | 2 | {statistics.mean(two):.3f} ± {statistics.stdev(two):.3f}"
             f" ({two[0]:.3f} / {two[1]:.3f}) |") in report
     # the quick subset: its rows only (one seed, its defenses), beside the cells (reused), the docs untouched
