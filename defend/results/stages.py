@@ -68,7 +68,7 @@ def clean_dataset(config: str, overrides: list[str], rows: int | None = None) ->
 def attack_facts(poison_dir: str) -> dict:
     """What a row says about its attack, from the poison recipe's manifest."""
     attack = json.loads((Path(poison_dir) / "manifest.json").read_text())["attack"]
-    return {"poison_ratio": attack["poison_ratio"], "target_type": attack["target"]["type"]}
+    return {"trigger": attack["name"], "poison_ratio": attack["poison_ratio"], "target_type": attack["target"]["type"]}
 
 
 def data_hash(poison_dir: str) -> str:

@@ -117,5 +117,9 @@ def results_markdown(rows: list[dict], checks: list[tuple[str, bool]], cfg: Conf
                 lines.append(f"| {attack} | {poison} | {defense} | {len(group)} | "
                              + " | ".join(cells) + f" | {gain} |")
             lines.append("")
+            if text := sorted({r["attack"] for r in part if r.get("trigger") == "text"}):
+                lines += [f"{', '.join(text)}: a text trigger, not a vision-side one. DiSP masks vision tokens and PCR"
+                          " perturbs image patches; neither touches the prompt, so their rows show what they do to a"
+                          " trigger they were not built for (they do not apply).", ""]
     lines += ["## Goals", "", *(f"- [{'x' if ok else ' '}] {name}" for name, ok in checks), ""]
     return "\n".join(lines)

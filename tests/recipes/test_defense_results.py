@@ -36,9 +36,10 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     run = tmp_path / "run" / "vqa" / "mllm"
     for row in saved:
         gain = set() if row["defense"] in ("base", "clean") else {"gain_kept"}
-        assert set(row) == {"family", "attack", "defense", "task", "seed", "poison_ratio", "target_type", "asr",
+        assert set(row) == {"family", "attack", "defense", "task", "seed", "trigger", "poison_ratio", "target_type", "asr",
                             "asr_clean", "vqa_accuracy", "n", "n_triggered", "n_clean", *intervals, *gain}
-        assert (row["task"], row["poison_ratio"], row["target_type"], row["n"]) == ("vqa", 0.25, "fixed", 4)  # write_stage_configs poisons 25%
+        assert (row["task"], row["trigger"], row["poison_ratio"], row["target_type"], row["n"]) == (
+            "vqa", row["attack"], 0.25, "fixed", 4)  # write_stage_configs poisons 25%
         for metric, count in (("asr", "n_triggered"), ("asr_clean", "n_clean"), ("vqa_accuracy", "n")):
             low, high = wilson(row[metric], row[count])  # the 95% Wilson interval of that many answers
             assert (row[f"{metric}_low"], row[f"{metric}_high"]) == (round(low, 4), round(high, 4))
@@ -185,3 +186,16 @@ def test_results_need_the_undefended_baseline(tmp_path):
     cfg = load_config("defense_results", ["results.defenses={pcr: [objective.name=pcr]}", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="include 'none: \\[\\]'"):
         recipe_main(cfg)
+
+
+def test_the_report_says_the_vision_defenses_do_not_apply_to_a_text_trigger(tmp_path):
+    from defend.results.table import results_markdown
+
+    cfg = load_config("defense_results", [f"output_dir={tmp_path}"])
+    row = {"task": "vqa", "family": "mllm", "seed": 0, "poison_ratio": 0.01, "target_type": "fixed", "asr": 0.9,
+           "asr_clean": 0.0, "vqa_accuracy": 0.8}
+    rows = [{**row, "attack": a, "trigger": t, "defense": d} for a, t in (("text", "text"), ("badnets", "badnets"))
+            for d in ("none", "disp")]
+    report = results_markdown(rows, [], cfg)
+    assert "text: a text trigger, not a vision-side one" in report and "badnets: a text trigger" not in report
+    assert report.count("(they do not apply)") == 1
