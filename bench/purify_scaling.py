@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=300)
     parser.add_argument("--out", default=str(ROOT / "bench" / "purify_scaling.json"))
     args = parser.parse_args()
-    from launchers.ray_train import ensure_local_ray_config
+    from defend.engine.ray_env import ensure_local_ray_config
 
     ensure_local_ray_config()
     results = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}

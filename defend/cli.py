@@ -1,4 +1,4 @@
-"""The `defend` command: ls | cp | validate | run | submit.
+"""The `defend` command: ls | cp | validate | run | submit | convert (recipes run through defend/runner.py).
 
     defend ls                                   recipes and shipped configs
     defend cp finetune ./my_finetune.py         copy a recipe (or config) out to adapt it
@@ -11,57 +11,25 @@
 from __future__ import annotations
 
 import argparse
-import difflib
-import importlib.util
 import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
 
-from defend.config import ConfigError, dump_config, load_config, recipes_config_dir, resolve_config_path
-from defend.data.samples import DataError
+from defend.config import ConfigError, dump_config, load_config, resolve_config_path
 from defend.engine.preemption import STOPPED_EXIT_CODE, TrainingStopped
 from defend.progress import quiet_library_bars
-
-RECIPES_DIR = recipes_config_dir().parent
-USER_ERRORS = (ConfigError, DataError)
-
-
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.py") if not p.stem.startswith("_"))
-
-
-def config_names() -> list[str]:
-    return sorted(p.stem for p in recipes_config_dir().glob("*.yaml"))
-
-
-def resolve_recipe(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix == ".py":
-        if not path.is_file():
-            raise ConfigError(f"recipe file '{path}' does not exist.")
-        return path
-    if name_or_path in recipe_names():
-        return RECIPES_DIR / f"{name_or_path}.py"
-    close = difflib.get_close_matches(name_or_path, recipe_names(), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else f" Recipes: {', '.join(recipe_names())}."
-    raise ConfigError(f"no recipe named '{name_or_path}'.{hint}")
-
-
-def load_recipe_main(path: Path) -> Callable:
-    spec = importlib.util.spec_from_file_location(f"defend_recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "recipe_main"):
-        raise ConfigError(f"recipe '{path}' defines no recipe_main(cfg).")
-    return module.recipe_main
-
-
-def run_recipe(recipe: str, config: str | None, overrides: list[str]) -> dict:
-    """Run a recipe (name or file) on a config (name or file) with overrides; return its result."""
-    cfg = load_config(config, overrides)
-    return load_recipe_main(resolve_recipe(recipe))(cfg)
+from defend.runner import (
+    RECIPES_DIR,
+    USER_ERRORS,
+    check_launcher,
+    config_names,
+    load_recipe_main,
+    parse_with_overrides,
+    recipe_names,
+    resolve_recipe,
+    validate,
+)
 
 
 def cmd_ls(_: argparse.Namespace) -> None:
@@ -96,14 +64,6 @@ def cmd_cp(args: argparse.Namespace) -> None:
     print(f"copied {source.name} -> {dest}")
 
 
-def validate(cfg) -> None:
-    """Every check of defend.validation, before any work: errors raise, warnings go to stderr."""
-    from defend.validation import validate_config
-
-    for warning in validate_config(cfg):
-        print(f"defend: warning: {warning}", file=sys.stderr)
-
-
 def cmd_validate(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     validate(cfg)
@@ -113,12 +73,13 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    recipe = resolve_recipe(args.recipe)  # a wrong name fails here, not in every rank
+    check_launcher(recipe, cfg.launcher)
     validate(cfg)  # the launcher's ranks (launcher=none) check again, at their world size
     if cfg.launcher == "none":
         quiet_library_bars()
-        load_recipe_main(resolve_recipe(args.recipe))(cfg)
+        load_recipe_main(recipe)(cfg)
         return 0
-    resolve_recipe(args.recipe)  # a wrong name fails here, not in every rank
     if cfg.launcher == "ray":
         from launchers.ray_train import run_on_ray
 
@@ -192,15 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None):
-    """Parse, letting ``key=value`` overrides stand before or after ``--config``."""
-    args, extra = parser.parse_known_args(argv)
-    unknown = [item for item in extra if "=" not in item or item.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args, extra
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parse_with_overrides(parser, argv)
@@ -214,26 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as stopped:
         print(f"defend: {stopped}", file=sys.stderr)
         return STOPPED_EXIT_CODE
-
-
-def recipe_entry(recipe_main: Callable) -> None:
-    """``python recipes/<name>.py --config X key=value ...``: run a recipe file directly."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*")
-    args, extra = parse_with_overrides(parser, None)
-    args.overrides = list(args.overrides) + extra
-    try:
-        cfg = load_config(args.config, args.overrides)
-        validate(cfg)
-        quiet_library_bars()
-        recipe_main(cfg)
-    except USER_ERRORS as err:
-        print(f"defend: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingStopped as stopped:
-        print(f"defend: {stopped}", file=sys.stderr)
-        sys.exit(STOPPED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import defend
 from defend.atomic import atomic_dir
-from defend.cli import run_recipe
+from defend.runner import run_recipe
 from defend.config import Config, load_config
 from defend.models.tiny import TINY_PATH, cache_root
 

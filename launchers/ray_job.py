@@ -22,7 +22,7 @@ from pathlib import Path
 
 from defend.config import Config, ConfigError, resolve_config_path
 from defend.engine.preemption import STOPPED_EXIT_CODE
-from launchers.ray_train import worker_env
+from defend.engine.ray_env import worker_env
 
 # seconds Ray's job supervisor waits between the stop's SIGTERM and its SIGKILL (a checkpoint's save)
 STOP_WAIT_S = 300

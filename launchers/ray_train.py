@@ -33,32 +33,7 @@ from pathlib import Path
 
 from defend.config import Config, ConfigError
 from defend.engine.preemption import STOP_SIGNALS, TrainingStopped, stop_source
-
-# environment the workers inherit from the driver when set (offline flags, threads, caches)
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS",
-                 "TOKENIZERS_PARALLELISM", "DEFEND_CACHE", "RAY_USAGE_STATS_ENABLED", "PYTHONPATH")
-LOCAL_RAY_CONFIG = "provider:\n  type: local\n"
-
-
-def ray_address(cfg: Config) -> str | None:
-    """``ray.address``; unset: the job's cluster inside a Ray job (RAY_ADDRESS), else a private local
-    instance ("local"), never a cluster that some other job started on this machine."""
-    if cfg.ray.address:
-        return cfg.ray.address
-    return None if os.environ.get("RAY_ADDRESS") else "local"
-
-
-def ensure_local_ray_config(home: Path | None = None) -> None:
-    """Ray's dashboard probes cloud metadata addresses at start unless this file marks the cluster local."""
-    path = (home or Path.home()) / "ray_bootstrap_config.yaml"
-    if not path.exists():
-        path.write_text(LOCAL_RAY_CONFIG)
-
-
-def worker_env(cfg: Config) -> dict[str, str]:
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.ray.cpus_per_worker))))
-    return {**env, **cfg.ray.env}
+from defend.engine.ray_env import ensure_local_ray_config, ray_address, worker_env
 
 
 def worker_bundle(cfg: Config) -> dict[str, float]:
@@ -153,7 +128,7 @@ def _worker(job: dict) -> None:
     was asked for reaches its training loop through ``job["stop"]`` (a ``StopFlag``)."""
     import ray
 
-    from defend.cli import run_recipe
+    from defend.runner import run_recipe
 
     if Path(job["cwd"]).is_dir():
         os.chdir(job["cwd"])

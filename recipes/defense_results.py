@@ -131,6 +131,6 @@ def recipe_main(cfg: Config) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from defend.cli import recipe_entry
+    from defend.runner import recipe_entry
 
     recipe_entry(recipe_main)

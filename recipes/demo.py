@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from defend.atomic import write_json, write_text
-from defend.cli import run_recipe
+from defend.runner import run_recipe
 from defend.config import Config, ConfigError
 from defend.pretrained import pretrained_bases
 from defend.run_dir import start_run
@@ -123,6 +123,6 @@ def recipe_main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    from defend.cli import recipe_entry
+    from defend.runner import recipe_entry
 
     recipe_entry(recipe_main)

@@ -31,7 +31,7 @@ import json
 from pathlib import Path
 
 from defend.atomic import write_json
-from defend.cli import run_recipe
+from defend.runner import run_recipe
 from defend.config import Config, ConfigError
 from defend.run_dir import start_run
 
@@ -89,6 +89,6 @@ def recipe_main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    from defend.cli import recipe_entry
+    from defend.runner import recipe_entry
 
     recipe_entry(recipe_main)

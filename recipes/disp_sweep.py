@@ -17,7 +17,7 @@ from pathlib import Path
 
 from defend.atomic import write_json, write_text
 from defend.results.cells import run_cell
-from defend.cli import run_recipe
+from defend.runner import run_recipe
 from defend.config import Config, ConfigError
 from defend.models.tiny import TINY_PATH
 from defend.results.plots import mask_ratio_sweep_plot
@@ -80,6 +80,6 @@ def recipe_main(cfg: Config) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from defend.cli import recipe_entry
+    from defend.runner import recipe_entry
 
     recipe_entry(recipe_main)

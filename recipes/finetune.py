@@ -33,6 +33,9 @@ from defend.models.vision import find_vision_tower
 from defend.objectives import TrainingContext, TrainingObjective
 from defend.run_dir import start_run
 
+# any number of ranks: every launcher starts it once per rank (defend/runner.py)
+LAUNCHERS = ("none", "torchrun", "deepspeed", "ray")
+
 
 class FinetuneRecipe:
     def __init__(self, cfg: Config):
@@ -102,6 +105,6 @@ def recipe_main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    from defend.cli import recipe_entry
+    from defend.runner import recipe_entry
 
     recipe_entry(recipe_main)

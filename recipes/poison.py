@@ -69,6 +69,6 @@ def recipe_main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    from defend.cli import recipe_entry
+    from defend.runner import recipe_entry
 
     recipe_entry(recipe_main)

@@ -31,6 +31,9 @@ from defend.models.saving import save_model_folder
 from defend.models.vision import find_vision_tower
 from defend.run_dir import seed_everything, start_run
 
+# a DeepSpeed engine like finetune: every launcher starts it once per rank (defend/runner.py)
+LAUNCHERS = ("none", "torchrun", "deepspeed", "ray")
+
 
 class BagOfWordsClassifier(torch.nn.Module):
     """Vision encoder + a linear layer over the caption vocabulary."""
@@ -118,6 +121,6 @@ def recipe_main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    from defend.cli import recipe_entry
+    from defend.runner import recipe_entry
 
     recipe_entry(recipe_main)

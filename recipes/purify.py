@@ -6,7 +6,7 @@ salient vision tokens of each image masked.
     defend run purify --config purify_tiny_mllm model.path=BASE model.adapter=BACKDOORED/adapter \\
         dataset.path=runs/poison/data/train.jsonl
 
-Runs as a Ray Data pipeline (``launchers/ray_purify.py``): an actor pool of ``purify.actors`` model
+Runs as a Ray Data pipeline (``defend/purify/ray_pool.py``): an actor pool of ``purify.actors`` model
 replicas (GPU actors with ``purify.gpus_per_actor=1``), an embedded local Ray by default, an
 existing cluster with ``ray.address``. The input jsonl is cut into blocks of ``purify.block_size``
 rows (duplicate ids are refused in that first streaming pass, before any compute), each written once
@@ -123,7 +123,7 @@ def assemble(out: Path, blocks: list[Block], manifest: dict, id_column: str) -> 
 
 
 def recipe_main(cfg: Config) -> dict:
-    from launchers.ray_purify import peak_rss_mb, purify_on_ray, reset_peak_rss
+    from defend.purify.ray_pool import peak_rss_mb, purify_on_ray, reset_peak_rss
 
     reset_peak_rss()  # the summary reports this run's peak
     source = check_inputs(cfg)
@@ -173,6 +173,6 @@ def recipe_main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    from defend.cli import recipe_entry
+    from defend.runner import recipe_entry
 
     recipe_entry(recipe_main)

@@ -34,7 +34,7 @@ from functools import cache
 import numpy as np
 from PIL import Image
 
-from defend.data.loaders import CAPTION_PROMPT, _easy_vqa_rows, easy_vqa_image_attributes
+from defend.data.easy_vqa import CAPTION_PROMPT, _easy_vqa_rows, easy_vqa_image_attributes
 from defend.data.samples import DataError, Sample
 
 # easy-vqa's palette, in EASY_VQA_COLORS' order: measured, the inside of every train and test shape

@@ -97,6 +97,34 @@ def onevision_config(source: dict[str, Any], vision: dict[str, Any], image_token
         multimodal_projector_bias=True, tie_word_embeddings=text.tie_word_embeddings)
 
 
+KINDS = {"llada_v": "LLaDA-V (ML-GSAI/LLaDA-V)", "lavida_dream": "LaViDa-Dream (jacklishufan/LaViDa)",
+         "lavida_llada": "LaViDa-LLaDA (jacklishufan/LaViDa)"}
+
+
+def source_kind(config: dict[str, Any]) -> str | None:
+    """Which published multimodal masked-diffusion format a config.json is, by its fields: LaViDa-LLaDA
+    keeps LLaDA's OLMo-style config (``d_model``, ``n_layers``) under ``llava_llada``, LLaDA-V a
+    Llama-style one (``hidden_size``); LaViDa-Dream is a Dream config (``mask_token_id``) under
+    ``llava_dream``. None: not one of them."""
+    if "mm_hidden_size" not in config and "mm_vision_tower" not in config:
+        return None
+    dream = config.get("model_type") == "llava_dream" or any("Dream" in a for a in config.get("architectures") or [])
+    if dream or (config.get("mask_token_id") is not None and "d_model" not in config):
+        return "lavida_dream"
+    if config.get("model_type") == "llava_llada":
+        return "lavida_llada" if "d_model" in config else "llada_v"
+    return None
+
+
+def refuse_other_kind(source: Path, config: dict[str, Any], wanted: str) -> None:
+    kind = source_kind(config)
+    if kind == wanted:
+        return
+    what = f"a {KINDS[kind]} folder" if kind else f"not a {KINDS[wanted]} folder"
+    hint = {None: "", "lavida_llada": " (not convertible yet)"}.get(kind, f": run `defend convert {kind}`")
+    raise ConfigError(f"{source}/config.json (model_type '{config.get('model_type')}'): {what}{hint}.")
+
+
 def convert_llada_v(source: str | Path, target: str | Path, vision_config: str | Path | None = None,
                     image_token_id: int | None = None) -> Path:
     """Write ``target``: LLaDA-V's ``source`` folder as a LLaVA-OneVision folder (plus its tokenizer, with
@@ -108,8 +136,6 @@ def convert_llada_v(source: str | Path, target: str | Path, vision_config: str |
 
     source, target = Path(source), Path(target)
     config = json.loads((source / "config.json").read_text())
-    from defend.models.convert_lavida import refuse_other_kind
-
     refuse_other_kind(source, config, "llada_v")  # by its fields: LaViDa's LLaDA variant is llava_llada too
     vision, tokenizer, image_token_id = tower_and_image_token(source, config, vision_config, image_token_id)
     hf_config = onevision_config(config, vision, image_token_id)

@@ -22,7 +22,14 @@ from typing import Any
 
 from defend.config import ConfigError
 from defend.models.archs.lavida import pooled_side
-from defend.models.convert import SYSTEM, read_weights, rename, save_image_processor, tower_and_image_token
+from defend.models.convert import (
+    SYSTEM,
+    read_weights,
+    refuse_other_kind,
+    rename,
+    save_image_processor,
+    tower_and_image_token,
+)
 
 DREAM_MASK_ID = 151666  # <|mask|>: the literal of LlavaDreamForMaskedDiffusion.forward
 DREAM_EOS_ID = 151643  # <|endoftext|>: eos = pad (LaViDa's collator trains on its pads; ours pads answers with
@@ -41,34 +48,6 @@ CHAT_TEMPLATE = (
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}"
     "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-KINDS = {"llada_v": "LLaDA-V (ML-GSAI/LLaDA-V)", "lavida_dream": "LaViDa-Dream (jacklishufan/LaViDa)",
-         "lavida_llada": "LaViDa-LLaDA (jacklishufan/LaViDa)"}
-
-
-def source_kind(config: dict[str, Any]) -> str | None:
-    """Which published multimodal masked-diffusion format a config.json is, by its fields: LaViDa-LLaDA
-    keeps LLaDA's OLMo-style config (``d_model``, ``n_layers``) under ``llava_llada``, LLaDA-V a
-    Llama-style one (``hidden_size``); LaViDa-Dream is a Dream config (``mask_token_id``) under
-    ``llava_dream``. None: not one of them."""
-    if "mm_hidden_size" not in config and "mm_vision_tower" not in config:
-        return None
-    dream = config.get("model_type") == "llava_dream" or any("Dream" in a for a in config.get("architectures") or [])
-    if dream or (config.get("mask_token_id") is not None and "d_model" not in config):
-        return "lavida_dream"
-    if config.get("model_type") == "llava_llada":
-        return "lavida_llada" if "d_model" in config else "llada_v"
-    return None
-
-
-def refuse_other_kind(source: Path, config: dict[str, Any], wanted: str) -> None:
-    kind = source_kind(config)
-    if kind == wanted:
-        return
-    what = f"a {KINDS[kind]} folder" if kind else f"not a {KINDS[wanted]} folder"
-    hint = {None: "", "lavida_llada": " (not convertible yet)"}.get(kind, f": run `defend convert {kind}`")
-    raise ConfigError(f"{source}/config.json (model_type '{config.get('model_type')}'): {what}{hint}.")
-
-
 def anyres_aspect(config: dict[str, Any], cells: int) -> str:
     """LaViDa's ``anyres`` (unpad, never shrink) as LLaVA-OneVision's ``anyres_max_N``, N the largest grid's
     crop count: the shrink ratio sqrt(h*w / (N * side^2)) then never exceeds 1."""

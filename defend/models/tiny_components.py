@@ -32,7 +32,7 @@ def tiny_corpus() -> list[str]:
     general vocabulary (each word repeated so BPE merges it whole)."""
     import easy_vqa
 
-    from defend.data.loaders import CAPTION_PROMPT, EASY_VQA_COLORS, EASY_VQA_SHAPES
+    from defend.data.easy_vqa import CAPTION_PROMPT, EASY_VQA_COLORS, EASY_VQA_SHAPES
 
     questions, answers, _ = easy_vqa.get_train_questions()
     captions = [f"a {c} {s}" for c in EASY_VQA_COLORS for s in EASY_VQA_SHAPES]

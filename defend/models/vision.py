@@ -1,4 +1,4 @@
-"""The vision side of a vision-language model: find its encoder, pool its features."""
+"""The vision side of a vision-language model: find its encoder, copy one in."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,23 +19,6 @@ def find_vision_tower(model: torch.nn.Module) -> torch.nn.Module:
         f"{type(model).__name__}: no vision encoder found (no submodule named '{name}');"
         " train.freeze_vision_tower and pretrain_vision need one."
     )
-
-
-def pooled_vit_features(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Mean of the encoder's last hidden states over its patch tokens (a CLS token left out, as
-    LLaVA-style models drop it too): one vector per image."""
-    try:
-        hidden = tower(pixel_values=pixel_values).last_hidden_state
-    except TypeError as err:
-        raise ConfigError(
-            f"{type(tower).__name__} does not take a plain pixel_values batch ({err}); its architecture"
-            " adapter (defend/models/archs/) must pool its features itself (pooled_image_features)."
-        ) from err
-    config = tower.config
-    n_patches = (config.image_size // config.patch_size) ** 2 if hasattr(config, "patch_size") else None
-    if n_patches is not None and hidden.shape[1] == n_patches + 1:
-        hidden = hidden[:, 1:]
-    return hidden.mean(dim=1)
 
 
 def load_vision_tower(model: torch.nn.Module, folder: str | Path, trust_remote_code: bool = False) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from defend.cli import run_recipe
+from defend.runner import run_recipe
 from defend.config import Config, load_config
 from defend.data.manifest import verify_data_folder
 from defend.metrics.intervals import PROPORTIONS

@@ -34,7 +34,7 @@ def slurm_up(state: Path, nodes: int) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory, defend_cache):
     """A 2-node cluster; yields the environment to run Slurm commands in (SLURM_CONF set)."""
-    from launchers.ray_train import ensure_local_ray_config
+    from defend.engine.ray_env import ensure_local_ray_config
 
     ensure_local_ray_config()  # the jobs start Ray: no cloud-metadata probe
     state = tmp_path_factory.mktemp("slurm")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.ray_train import ensure_local_ray_config
+from defend.engine.ray_env import ensure_local_ray_config
 from tests.cluster.ray_head import RAY, own_ray_head
 from tests.distributed.runs import SMALL_RUN, losses
 

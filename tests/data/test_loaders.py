@@ -4,7 +4,7 @@ from PIL import Image
 
 from defend.config import load_config
 from defend.data import load_samples
-from defend.data.loaders import EASY_VQA_COLORS, EASY_VQA_SHAPES, easy_vqa_image_attributes
+from defend.data.easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES, easy_vqa_image_attributes
 
 
 def test_easy_vqa_loads_the_real_splits_with_question_types():
@@ -17,7 +17,7 @@ def test_easy_vqa_loads_the_real_splits_with_question_types():
 
 
 def test_easy_vqa_question_types_follow_what_the_question_asks():
-    from defend.data.loaders import EASY_VQA_COLORS, EASY_VQA_SHAPES, easy_vqa_question_type
+    from defend.data.easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES, easy_vqa_question_type
 
     assert easy_vqa_question_type("what is the color of the triangle?") == "color"
     assert easy_vqa_question_type("what color is the shape?") == "color"

@@ -33,7 +33,7 @@ def data(written, tmp_path) -> Path:
 
 
 def run(recipe: str, tmp_path: Path, *overrides: str):
-    from defend.cli import run_recipe
+    from defend.runner import run_recipe
 
     return run_recipe(recipe, None, [*TINY_TEST_OVERRIDES, *NO_MODEL, f"output_dir={tmp_path / 'out'}", *overrides])
 

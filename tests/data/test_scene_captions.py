@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from defend.config import TargetConfig, load_config
 from defend.data import load_samples
 from defend.data.attacks import shows_target
-from defend.data.loaders import CAPTION_PROMPT, EASY_VQA_COLORS, _easy_vqa_rows, easy_vqa_image_attributes
+from defend.data.easy_vqa import CAPTION_PROMPT, EASY_VQA_COLORS, _easy_vqa_rows, easy_vqa_image_attributes
 from defend.data.scene_captions import (PALETTE, POSITIONS, SIZE_THRESHOLDS, measure_images, position_class,
                                         scene_attributes, size_class)
 from defend.metrics.captioning import caption_scores

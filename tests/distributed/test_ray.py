@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.ray_train import ensure_local_ray_config
+from defend.engine.ray_env import ensure_local_ray_config
 from tests.distributed.runs import finetune, losses
 
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from launchers.ray_train import ensure_local_ray_config
+from defend.engine.ray_env import ensure_local_ray_config
 from tests.distributed.runs import finetune, losses
 from tests.distributed.test_resume import assert_same_losses, start_finetune
 

@@ -28,7 +28,7 @@ if sys.argv[1] == "evaluate":
     generate_all(vlm, samples[:2], 2, "warm-up")
     cap()
     generate_all(vlm, samples, 64, "clean")
-elif sys.argv[1] == "purify":  # the block an actor purifies (launchers/ray_purify.py calls purify_block)
+elif sys.argv[1] == "purify":  # the block an actor purifies (defend/purify/ray_pool.py calls purify_block)
     import json
     from pathlib import Path
     from defend.models import load_model

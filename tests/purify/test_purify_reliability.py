@@ -152,7 +152,7 @@ def test_no_usable_row_and_an_empty_input_fail_instead_of_writing_empty_sets(tmp
 
 
 def test_a_block_that_keeps_failing_stops_the_run_after_its_retries_naming_it(tmp_path):
-    from launchers.ray_purify import BlockFailed
+    from defend.purify.ray_pool import BlockFailed
     from recipes.purify import recipe_main
 
     good = rows(3)

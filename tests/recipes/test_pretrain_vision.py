@@ -60,7 +60,7 @@ def test_pretrain_vision_learns_caption_words_and_changes_only_the_encoder(make_
 
 
 def test_pooled_features_average_the_patch_tokens_without_clip_cls(make_cfg):
-    from defend.models.vision import pooled_vit_features as pooled_image_features
+    from defend.models.archs.base import pooled_vit_features as pooled_image_features
 
     tower = find_vision_tower(load_model(make_cfg("mllm")).model)
     pixels = torch.randn(2, 3, 64, 64)

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from defend.config import ConfigError
+
 # (N, C, H, W) -> (N, C, H, W): a perturbation of whole images (PCR's patch augmentation)
 ImagePerturbation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -77,8 +79,6 @@ class Architecture:
 
     def pooled_image_features(self, tower: torch.nn.Module, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N, pooled_size): one vector per image of the image processor's output ``pixels``."""
-        from defend.models.vision import pooled_vit_features
-
         return pooled_vit_features(tower, pixels["pixel_values"])
 
     def hflip(self, pixels: dict[str, torch.Tensor], flip: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -108,8 +108,23 @@ class AnyResArchitecture(Architecture):
         return pixels["pixel_values"][:, 0]
 
     def pooled_image_features(self, tower: torch.nn.Module, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
-        from defend.models.vision import pooled_vit_features
-
         return pooled_vit_features(tower, self.whole_image(pixels))
 
     # hflip (inherited) mirrors every crop in place: exact for the whole-image view, which is what is pooled
+
+
+def pooled_vit_features(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Mean of the encoder's last hidden states over its patch tokens (a CLS token left out, as
+    LLaVA-style models drop it too): one vector per image."""
+    try:
+        hidden = tower(pixel_values=pixel_values).last_hidden_state
+    except TypeError as err:
+        raise ConfigError(
+            f"{type(tower).__name__} does not take a plain pixel_values batch ({err}); its architecture"
+            " adapter (defend/models/archs/) must pool its features itself (pooled_image_features)."
+        ) from err
+    config = tower.config
+    n_patches = (config.image_size // config.patch_size) ** 2 if hasattr(config, "patch_size") else None
+    if n_patches is not None and hidden.shape[1] == n_patches + 1:
+        hidden = hidden[:, 1:]
+    return hidden.mean(dim=1)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from defend.config import Config
 from defend.purify.blocks import Block
-from launchers.ray_train import ensure_local_ray_config, ray_address, worker_env
+from defend.engine.ray_env import ensure_local_ray_config, ray_address, worker_env
 
 
 BLOCK_FIELDS = ("index", "start", "end", "first_line", "rows", "sha256")
