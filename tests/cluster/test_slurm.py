@@ -27,8 +27,21 @@ def log_of(out: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted((out / "slurm").glob("slurm-*.out")))
 
 
-def ray_daemons() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in ("raylet", "gcs_server")]
+def ray_daemons(port: int | None = None) -> list[int]:
+    """Ray's node daemons on this machine; with ``port``, only those of the cluster whose GCS listens there
+    (another test's or a user's Ray may run beside a test: it is not this job's to end)."""
+    found = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if p.info["name"] in ("raylet", "gcs_server") and (port is None or any(
+                arg.endswith(f":{port}") or arg.endswith(f"={port}") for arg in p.info["cmdline"] or ())):
+            found.append(p.pid)
+    return found
+
+
+def job_ray_port(out: Path) -> int:
+    """The GCS port slurm/lib/ray_cluster.sh derives from the job id (its log: slurm-<id>.out)."""
+    (log,) = (out / "slurm").glob("slurm-*.out")
+    return 20000 + (int(re.fullmatch(r"slurm-(\d+)\.out", log.name).group(1)) % 400) * 100
 
 
 def test_slurm_up_brings_up_one_node_and_down_leaves_no_daemon(tmp_path):
@@ -91,7 +104,6 @@ def test_ray_on_slurm_purifies_on_2_nodes_like_a_local_run_and_leaves_no_ray_beh
     assert local.returncode == 0, local.stderr[-3000:]
     out = tmp_path / "slurm"
     args = purify_args(source, out)[2:]  # drop "run purify"
-    before = set(ray_daemons())
     done = submit("purify", *args, "--wait", "slurm.nodes=2")
     log = log_of(out)
     assert done.returncode == 0, log[-4000:]
@@ -100,7 +112,7 @@ def test_ray_on_slurm_purifies_on_2_nodes_like_a_local_run_and_leaves_no_ray_beh
     assert [json.loads(r)["id"] for r in rows] == ids  # every row once, in input order
     assert rows == (tmp_path / "local" / "data" / "train.jsonl").read_text().splitlines()  # greedy: identical
     time.sleep(2)
-    assert not set(ray_daemons()) - before  # the job's Ray nodes ended with it
+    assert not ray_daemons(job_ray_port(out))  # the job's Ray nodes ended with it
 
 
 def test_the_warning_signal_checkpoints_requeues_and_the_resumed_run_has_the_uninterrupted_losses(slurm, tmp_path):
