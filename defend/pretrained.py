@@ -11,9 +11,9 @@ from pathlib import Path
 
 import defend
 from defend.atomic import atomic_dir
-from defend.runner import run_recipe
 from defend.config import Config, load_config
 from defend.models.tiny import TINY_PATH, cache_root
+from defend.runner import run_recipe
 
 
 def flat(settings: dict, prefix: str = "") -> dict:

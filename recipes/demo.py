@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 from defend.atomic import write_json, write_text
-from defend.runner import run_recipe
 from defend.config import Config, ConfigError
 from defend.pretrained import pretrained_bases
 from defend.run_dir import start_run
+from defend.runner import run_recipe
 
 ROWS = ("overall", "yes/no", "color", "shape")
 

@@ -31,9 +31,9 @@ import json
 from pathlib import Path
 
 from defend.atomic import write_json
-from defend.runner import run_recipe
 from defend.config import Config, ConfigError
 from defend.run_dir import start_run
+from defend.runner import run_recipe
 
 
 def check_inputs(cfg: Config) -> None:

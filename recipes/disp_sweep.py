@@ -16,12 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from defend.atomic import write_json, write_text
-from defend.results.cells import run_cell
-from defend.runner import run_recipe
 from defend.config import Config, ConfigError
 from defend.models.tiny import TINY_PATH
+from defend.results.cells import run_cell
 from defend.results.plots import mask_ratio_sweep_plot
 from defend.run_dir import start_run
+from defend.runner import run_recipe
 
 METRICS = ("asr", "asr_clean", "vqa_accuracy")
 

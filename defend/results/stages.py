@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from defend.runner import run_recipe
 from defend.config import Config, load_config
 from defend.data.manifest import verify_data_folder
 from defend.metrics.intervals import PROPORTIONS
 from defend.results.cells import run_cell
+from defend.runner import run_recipe
 
 # what a cell keeps of an evaluate run's metrics (those present), with the 95% intervals of the proportions
 KEPT = ("asr", "asr_clean", "vqa_accuracy", "bleu4", "cider", *(f"{m}_{end}" for m in PROPORTIONS for end in ("low", "high")),
@@ -115,6 +115,13 @@ class Stages:
     def poisoned_train(self, v: Victim) -> list[str]:
         return ["dataset.name=jsonl", f"dataset.path={v.poison_dir}/train.jsonl"]
 
+    def train_then_evaluate(self, v: Victim, finetune: list[str], evaluate: list[str]) -> Callable[[Path], dict]:
+        def work(folder: Path) -> dict:
+            trained = run_recipe("finetune", self.finetune_config(v.family), [*finetune, f"output_dir={folder / 'finetune'}"])
+            return run_recipe("evaluate", self.evaluate_config(v.family),
+                              [*evaluate, f"model.adapter={trained['saved']}", f"output_dir={folder / 'evaluate'}"])
+        return work
+
     def victim_cell(self, folder: Path, v: Victim, defense: list[str], log) -> dict:
         """Fine-tune on the poisoned set with the defense's overrides (none: the victim), then evaluate."""
         finetune = self.finetune(v, self.poisoned_train(v), defense)
@@ -122,12 +129,7 @@ class Stages:
         settings = {"finetune": resolved(self.finetune_config(v.family), finetune),
                     "evaluate": resolved(self.evaluate_config(v.family), evaluate), "poisoned_data": data_hash(v.poison_dir)}
 
-        def work(folder: Path) -> dict:
-            trained = run_recipe("finetune", self.finetune_config(v.family), [*finetune, f"output_dir={folder / 'finetune'}"])
-            return run_recipe("evaluate", self.evaluate_config(v.family),
-                              [*evaluate, f"model.adapter={trained['saved']}", f"output_dir={folder / 'evaluate'}"])
-
-        return run_cell(folder, settings, timed_metrics(work), log)
+        return run_cell(folder, settings, timed_metrics(self.train_then_evaluate(v, finetune, evaluate)), log)
 
     def from_victim_cell(self, folder: Path, v: Victim, victim: Path, clean: list[str], defense: list[str], log) -> dict:
         """The undefended victim's adapter fine-tuned further on clean rows (``clean``: their dataset
@@ -139,12 +141,7 @@ class Stages:
                     "evaluate": resolved(self.evaluate_config(v.family), evaluate),
                     "victim": json.loads((victim / "cell.json").read_text())["settings"]}
 
-        def work(folder: Path) -> dict:
-            trained = run_recipe("finetune", self.finetune_config(v.family), [*finetune, f"output_dir={folder / 'finetune'}"])
-            return run_recipe("evaluate", self.evaluate_config(v.family),
-                              [*evaluate, f"model.adapter={trained['saved']}", f"output_dir={folder / 'evaluate'}"])
-
-        return run_cell(folder, settings, timed_metrics(work), log)
+        return run_cell(folder, settings, timed_metrics(self.train_then_evaluate(v, finetune, evaluate)), log)
 
     def purified_cell(self, folder: Path, v: Victim, victim: Path, defense: list[str], log) -> dict:
         """The ``disp`` chain: purify the poisoned set with the victim, fine-tune the base on it (with the
@@ -177,11 +174,14 @@ class Stages:
 
         return run_cell(folder, settings, timed_metrics(work), log)
 
-    def clean_cell(self, folder: Path, v: Victim, trained: Path, clean: list[str], log) -> dict:
-        """The fine-tune on the unpoisoned training set (``clean``: its dataset overrides; trained once per
-        task and family into ``trained``, shared by the attacks), on the attack's test sets."""
+    def clean_cell(self, folder: Path, v: Victim, shared: Path, clean: list[str], log) -> dict:
+        """The fine-tune on the unpoisoned training set (``clean``: its dataset overrides), on the attack's
+        test sets. Trained once per settings into ``shared-<hash>``: attacks whose overrides leave the
+        fine-tune alike share it."""
         finetune = self.finetune(v, clean, [])
         settings = {"finetune": resolved(self.finetune_config(v.family), finetune)}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        trained = shared.with_name(f"{shared.name}-{digest}")
 
         def train(out: Path) -> dict:
             run_recipe("finetune", self.finetune_config(v.family), [*finetune, f"output_dir={out / 'finetune'}"])

@@ -53,7 +53,8 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     # the references: the base unadapted, the clean fine-tune (trained once) on the unpoisoned rows
     evaluated = yaml.safe_load((run / "badnets" / "seed1" / "base" / "evaluate" / "config.yaml").read_text())
     assert evaluated["model"]["adapter"] is None
-    clean_run = yaml.safe_load((run / "clean_finetune" / "finetune" / "config.yaml").read_text())
+    (clean_dir,) = run.glob("clean_finetune-*")  # one for both attacks: their fine-tunes are alike
+    clean_run = yaml.safe_load((clean_dir / "finetune" / "config.yaml").read_text())
     assert (clean_run["dataset"]["name"], clean_run["dataset"]["max_samples"]) == ("easy_vqa", 16)
     trained = (run / "sig" / "seed1" / "pcr" / "finetune" / "train_log.jsonl").read_text()
     assert "pcr_discrepancy" in trained  # the defense's overrides reached the fine-tune
@@ -171,8 +172,8 @@ def test_a_captioning_task_runs_beside_vqa_with_bleu4_and_cider(make_cfg, tmp_pa
                                                   / "train.jsonl")]
     assert all(r["id"].startswith("train-scene") for r in poisoned)
     assert sum(r["response"].startswith("banana ") for r in poisoned) == 4  # the insert target on 25% of 16 captions
-    clean_run = yaml.safe_load((tmp_path / "run" / "caption" / "mllm" / "clean_finetune" / "finetune" / "config.yaml")
-                               .read_text())
+    (clean_dir,) = (tmp_path / "run" / "caption" / "mllm").glob("clean_finetune-*")
+    clean_run = yaml.safe_load((clean_dir / "finetune" / "config.yaml").read_text())
     assert clean_run["dataset"]["name"] == "easy_vqa_scenes"
     base, clean, none = rows
     if clean["cider"] != base["cider"]:
