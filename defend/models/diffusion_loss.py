@@ -1,14 +1,13 @@
-"""The masked-diffusion SFT loss of LLaDA (and its Dream / LaViDa variants).
+"""The masked-diffusion SFT loss's noise draw of LLaDA (and its Dream / LaViDa variants): which response
+tokens are masked and each one's weight (``MaskedDiffusionVLM.score`` computes the loss from it; the
+whole loss written out in one function is the tests' oracle, tests/models/diffusion_oracle.py).
 
 Only response tokens are ever noised: the prompt and the image stay clean.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -46,34 +45,3 @@ def diffusion_noise(input_ids: torch.Tensor, response_mask: torch.Tensor, mask_t
     rows = response_mask.any(1).sum().clamp(min=1)  # rows without a response (image padding) do not count
     weight = torch.cat(scales).expand_as(masks_t) * masks_t / answer_len / rows
     return DiffusionNoise(noisy, clean, weight)
-
-
-def masked_diffusion_loss(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
-    input_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-    mask_token_id: int,
-    eps: float = 1e-3,
-    inverse_t_weight: bool = True,
-    complementary_mask: bool = False,
-    shifted_logits: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """LLaDA SFT loss for one batch (``diffusion_noise`` describes the draw and the weights).
-
-    Args:
-        logits_fn: maps noised ``input_ids`` (rows doubled with ``complementary_mask``) to logits.
-        input_ids: (B, L) clean tokens.
-        response_mask: (B, L) bool, True on response tokens.
-        shifted_logits: position ``i-1`` predicts token ``i`` (Dream-style models).
-    """
-    noise = diffusion_noise(input_ids, response_mask, mask_token_id, eps, inverse_t_weight, complementary_mask,
-                            generator)
-    logits = align_logits(logits_fn(noise.noisy), shifted_logits)
-    token_ce = F.cross_entropy(logits.float().transpose(1, 2), noise.clean, reduction="none")
-    return (token_ce * noise.weight).sum()
-
-
-def align_logits(logits: torch.Tensor, shifted: bool) -> torch.Tensor:
-    """Logits whose position ``i`` scores token ``i`` (Dream-style models predict it at ``i-1``)."""
-    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if shifted else logits

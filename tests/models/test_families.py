@@ -15,10 +15,10 @@ import torch
 from defend.config import ConfigError, TinyConfig, load_config
 from defend.data import load_samples
 from defend.models import load_model
-from defend.models.diffusion_loss import masked_diffusion_loss
-from defend.models.lora import apply_lora, language_model_prefix
 from defend.models.archs import ARCHITECTURES, TINY_ARCHS
+from defend.models.lora import apply_lora, language_model_prefix
 from defend.models.tiny import tiny_model_path
+from tests.models.diffusion_oracle import masked_diffusion_loss
 
 SMALL = {"text_hidden": 32, "vision_hidden": 32, "text_layers": 1, "vision_layers": 1, "heads": 4}
 VISION_SIDE = sorted({n for cls in ARCHITECTURES.values() for n in cls().vision_modules()})
