@@ -14,15 +14,11 @@ import torch
 from defend.config import ConfigError
 from defend.data.collate import IGNORE_INDEX, Collator
 from defend.data.label_rules import label_rule
+from defend.models.archs.base import position_ids_for
 from defend.models.base import VisionLanguageModel
 from defend.models.diffusion_loss import diffusion_noise
-from defend.models.scoring import ResponseScores, response_start
 from defend.models.diffusion_sampler import check_sampler_settings, diffusion_generate, dream_generate
-
-
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that ignore left padding, so a padded row reads like an unpadded one."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+from defend.models.scoring import ResponseScores, response_start
 
 
 class MaskedDiffusionVLM(VisionLanguageModel):

@@ -48,7 +48,7 @@ def embed(vlm, tokens, features):
 
 def raw_tokens(vlm, batch):
     features = vlm.image_features(batch)
-    from defend.models.diffusion import position_ids_for
+    from defend.models.archs.base import position_ids_for
 
     def logits_fn(tokens, mask):
         return vlm.model(inputs_embeds=embed(vlm, tokens, features), attention_mask=mask,
@@ -127,7 +127,7 @@ def test_one_step_answer_is_the_argmax_at_the_family_s_scoring_position(mdlm, sh
         answers = vlm.generate(batch)
     finally:
         d.gen_length, d.steps, d.block_length, d.shifted_logits = saved
-    from defend.models.diffusion import position_ids_for
+    from defend.models.archs.base import position_ids_for
 
     ids = torch.cat([batch["input_ids"], torch.full((len(samples), 1), vlm.mask_token_id)], 1)
     mask = torch.cat([batch["attention_mask"], torch.ones(len(samples), 1, dtype=torch.long)], 1)

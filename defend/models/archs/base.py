@@ -17,6 +17,12 @@ import torch
 
 from defend.config import ConfigError
 
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding, so a padded row reads like an unpadded one."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 # (N, C, H, W) -> (N, C, H, W): a perturbation of whole images (PCR's patch augmentation)
 ImagePerturbation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -58,7 +64,7 @@ class Architecture:
 
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """Positions of a left-padded batch as ``generate`` assigns them (None: the model derives them)."""
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return position_ids_for(attention_mask)
 
     def perturb_pixels(self, batch: dict[str, Any], perturb: ImagePerturbation) -> torch.Tensor:
         """``pixel_values`` with every image (every crop, for anyres models) perturbed by ``perturb``."""
