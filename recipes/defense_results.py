@@ -75,7 +75,9 @@ def quick_view(cfg: Config) -> Config:
         r, families=q.families, attacks={a: r.attacks[a] for a in q.attacks}, tasks=tasks,
         attack_overrides={a: o for a, o in r.attack_overrides.items() if a in q.attacks},
         defenses={d: r.defenses[d] for d in q.defenses}, seeds={}, docs_dir=str(Path(cfg.output_dir) / "quick"))
-    return dataclasses.replace(cfg, results=results)
+    demo = dataclasses.replace(cfg.demo, finetune_overrides={f: o for f, o in cfg.demo.finetune_overrides.items()
+                                                             if f in q.families})
+    return dataclasses.replace(cfg, results=results, demo=demo)
 
 
 def recipe_main(cfg: Config) -> list[dict]:

@@ -200,3 +200,17 @@ def test_the_report_says_the_vision_defenses_do_not_apply_to_a_text_trigger(tmp_
     report = results_markdown(rows, [], cfg)
     assert "text: a text trigger, not a vision-side one" in report and "badnets: a text trigger" not in report
     assert report.count("(they do not apply)") == 1
+
+
+def test_the_shipped_quick_subset_narrows_every_setting_and_passes_the_checks(tmp_path):
+    from recipes.defense_results import check_settings, quick_view
+
+    full = load_config("defense_results", [f"output_dir={tmp_path}"])
+    check_settings(full)
+    quick = quick_view(full)
+    check_settings(quick)  # e.g. the mdlm victim's overrides go with the mdlm family
+    r = quick.results
+    assert (r.families, list(r.attacks), list(r.tasks), list(r.defenses)) == (
+        ["mllm"], ["badnets", "blended", "text"], ["vqa"], ["none", "pcr", "disp"])
+    assert r.seeds == {} and r.attack_overrides == {} and r.docs_dir == str(tmp_path / "quick")
+    assert list(quick.demo.finetune_overrides) == ["mllm"] and full.results.docs_dir == "docs"
