@@ -26,11 +26,10 @@ def key(row: dict, defense: str | None = None) -> tuple:
 
 def add_gains(rows: list[dict]) -> None:
     """``gain_kept`` on every fine-tuned row of a (task, family, attack) that has both references."""
-    by_key = {key(r): r for r in rows}
     for r in rows:
         q = quality_metric(r["task"])
         refs = [next((x for x in rows if key(x)[:3] == key(r)[:3] and x["defense"] == name), None) for name in REFERENCES]
-        if r["defense"] in REFERENCES or None in refs or key(r) not in by_key:
+        if r["defense"] in REFERENCES or None in refs:
             continue
         base, clean = (x[q] for x in refs)
         r["gain_kept"] = round((r[q] - base) / (clean - base), 4) if clean != base else None
