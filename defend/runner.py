@@ -57,9 +57,10 @@ def recipe_launchers(path: Path) -> tuple[str, ...]:
 def check_launcher(path: Path, launcher: str) -> None:
     supported = recipe_launchers(path)
     if launcher not in supported:
+        what = "runs as one process" if supported == ("none",) else "does not run under it"
         raise ConfigError(
-            f"launcher={launcher}: the {path.stem} recipe runs as one process (it supports {', '.join(supported)});"
-            f" run it with launcher=none (a launcher would start nproc copies of it writing into one output_dir).")
+            f"launcher={launcher}: the {path.stem} recipe {what} (it supports {', '.join(supported)}); run it with"
+            f" launcher={supported[0]} (a launcher would start nproc copies of it writing into one output_dir).")
 
 
 def load_recipe_main(path: Path) -> Callable:

@@ -80,6 +80,26 @@ def quick_view(cfg: Config) -> Config:
     return dataclasses.replace(cfg, results=results, demo=demo)
 
 
+def victim_cells(cfg: Config, stages: Stages, v: Victim, cells: Path, clean: list[str], subset: list[str],
+                 first_seed: bool, log) -> dict[str, dict]:
+    """Every cell of one victim (task, family, attack, seed): the references (first seed), then each
+    defense, the undefended victim first (the other kinds start from it); defense -> metrics."""
+    r, out = cfg.results, Path(cfg.output_dir)
+    done = {}
+    if r.references and first_seed:
+        done["base"] = stages.base_cell(cells / "base", v, log)
+        done["clean"] = stages.clean_cell(cells / "clean", v, out / v.task / v.family / "clean_finetune", clean, log)
+    for defense in ["none", *(d for d in r.defenses if d != "none")]:
+        overrides = r.defenses[defense]
+        if defense in r.purified:
+            done[defense] = stages.purified_cell(cells / defense, v, cells / "none", overrides, log)
+        elif defense in r.from_victim:
+            done[defense] = stages.from_victim_cell(cells / defense, v, cells / "none", subset, overrides, log)
+        else:
+            done[defense] = stages.victim_cell(cells / defense, v, overrides, log)
+    return done
+
+
 def recipe_main(cfg: Config) -> list[dict]:
     cfg = quick_view(cfg) if cfg.results.quick else cfg
     check_settings(cfg)
@@ -88,37 +108,24 @@ def recipe_main(cfg: Config) -> list[dict]:
     out, docs = Path(cfg.output_dir), Path(r.docs_dir)
     started = time.perf_counter()
     bases, _ = pretrained_bases(cfg, out / "pretrain", log, families=r.families)
-    order = ["none", *(d for d in r.defenses if d != "none")]  # the victim first: the other kinds start from it
     rows = []
     for task, settings in r.tasks.items():
         for attack in settings.attacks or r.attacks:
             poison_config, seeds = r.attacks[attack], r.seeds.get(attack, [cfg.seed])
             attack_poison = r.attack_overrides[attack].poison_overrides if attack in r.attack_overrides else []
+            clean = clean_dataset(poison_config, settings.poison_overrides)  # the unpoisoned training set
+            subset = clean_dataset(poison_config, settings.poison_overrides, r.clean_rows)  # the defender's clean rows
             for seed in seeds:
                 poison = [*settings.poison_overrides, *attack_poison, f"attack.seed={seed}"]
                 poison_dir = poisoned_data(poison_config, poison, out / "poison" / task / attack / f"seed{seed}")
-                clean = clean_dataset(poison_config, settings.poison_overrides)
+                facts = attack_facts(poison_dir)
                 for family in r.families:
                     v = Victim(task, family, bases[family], attack, seed, poison_dir)
-                    cells = out / task / family / attack / f"seed{seed}"
-                    done = {}
-                    if r.references and seed == seeds[0]:
-                        done["base"] = stages.base_cell(cells / "base", v, log)
-                        done["clean"] = stages.clean_cell(cells / "clean", v, out / task / family / "clean_finetune",
-                                                          clean, log)
-                    for defense in order:
-                        overrides = r.defenses[defense]
-                        if defense in r.purified:
-                            done[defense] = stages.purified_cell(cells / defense, v, cells / "none", overrides, log)
-                        elif defense in r.from_victim:
-                            subset = clean_dataset(poison_config, settings.poison_overrides, r.clean_rows)
-                            done[defense] = stages.from_victim_cell(cells / defense, v, cells / "none", subset,
-                                                                    overrides, log)
-                        else:
-                            done[defense] = stages.victim_cell(cells / defense, v, overrides, log)
+                    done = victim_cells(cfg, stages, v, out / task / family / attack / f"seed{seed}", clean, subset,
+                                        seed == seeds[0], log)
                     for defense, metrics in done.items():
                         rows.append({"task": task, "family": family, "attack": attack, "seed": seed,
-                                     "defense": defense, **attack_facts(poison_dir), **metrics})
+                                     "defense": defense, **facts, **metrics})
                         log.info("%s %s %s seed %d %s: %s", task, family, attack, seed, defense,
                                  {k: round(metrics[k], 3) for k in ("asr", "asr_clean", quality_metric(task))})
     add_gains(rows)

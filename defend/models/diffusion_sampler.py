@@ -11,6 +11,8 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from defend.config import ConfigError
+
 
 def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """Gumbel-max sampling in float64: low precision Gumbel noise degrades quality (LLaDA)."""
@@ -27,8 +29,6 @@ def tokens_per_step(block_masks: int, steps: int) -> list[int]:
 
 def check_sampler_settings(d) -> None:
     """``diffusion.*`` sampler settings that fit together (a ``DiffusionConfig``); raises ConfigError."""
-    from defend.config import ConfigError
-
     if d.gen_length < 1 or d.steps < 1:
         raise ConfigError(f"diffusion.gen_length and diffusion.steps: must be at least 1, got {d.gen_length} and"
                           f" {d.steps}.")

@@ -92,7 +92,7 @@ class Stages:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def overrides(self, v: "Victim", stage: str) -> list[str]:
+    def overrides(self, v: Victim, stage: str) -> list[str]:
         """``<stage>_overrides`` of the victim's task, then of its attack."""
         r = self.cfg.results
         attack = r.attack_overrides.get(v.attack)

@@ -20,18 +20,28 @@ def quality_metric(task: str) -> str:
     return QUALITY.get(task, "vqa_accuracy")
 
 
-def key(row: dict, defense: str | None = None) -> tuple:
-    return row["task"], row["family"], row["attack"], row["seed"], defense or row["defense"]
+def victim_key(row: dict) -> tuple:
+    """The victim a row belongs to: task, family, attack (the references are run for its first seed)."""
+    return row["task"], row["family"], row["attack"]
+
+
+def references(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """victim_key -> {"base": row, "clean": row} (those present)."""
+    found: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r["defense"] in REFERENCES:
+            found.setdefault(victim_key(r), {})[r["defense"]] = r
+    return found
 
 
 def add_gains(rows: list[dict]) -> None:
     """``gain_kept`` on every fine-tuned row of a (task, family, attack) that has both references."""
+    refs = references(rows)
     for r in rows:
-        q = quality_metric(r["task"])
-        refs = [next((x for x in rows if key(x)[:3] == key(r)[:3] and x["defense"] == name), None) for name in REFERENCES]
-        if r["defense"] in REFERENCES or None in refs:
+        q, mine = quality_metric(r["task"]), refs.get(victim_key(r), {})
+        if r["defense"] in REFERENCES or not set(REFERENCES) <= set(mine):
             continue
-        base, clean = (x[q] for x in refs)
+        base, clean = mine["base"][q], mine["clean"][q]
         r["gain_kept"] = round((r[q] - base) / (clean - base), 4) if clean != base else None
 
 
@@ -43,7 +53,8 @@ def implanted(undefended: dict, min_asr: float) -> bool:
 def goal_checks(rows: list[dict], cfg: Config) -> list[tuple[str, bool]]:
     """Every goal of ``results.victim_goals`` (per victim) and ``results.goals`` (per defense row)."""
     vg = cfg.results.victim_goals
-    undefended = {key(r)[:4]: r for r in rows if r["defense"] == "none"}
+    undefended = {(*victim_key(r), r["seed"]): r for r in rows if r["defense"] == "none"}
+    refs = references(rows)
     checks = []
     for r in rows:
         q = quality_metric(r["task"])
@@ -52,13 +63,13 @@ def goal_checks(rows: list[dict], cfg: Config) -> list[tuple[str, bool]]:
             checks.append((f"{where}: asr {r['asr']:.3f} >= {vg.min_asr} (the attack implants)", r["asr"] >= vg.min_asr))
             checks.append((f"{where}: asr_clean {r['asr_clean']:.3f} <= {vg.max_asr_clean}", r["asr_clean"] <= vg.max_asr_clean))
         if r["defense"] == "clean":
-            base = next((x for x in rows if key(x)[:4] == key(r)[:4] and x["defense"] == "base"), None)
+            base = refs[victim_key(r)].get("base")
             if base is not None:
                 gain = r[q] - base[q]
                 checks.append((f"{where}: {q} {gain:+.3f} over the base's {base[q]:.3f} (at least {vg.min_clean_gain})",
                                gain >= vg.min_clean_gain))
         goals = cfg.results.goals.get(r["defense"])
-        victim = undefended.get(key(r)[:4])
+        victim = undefended.get((*victim_key(r), r["seed"]))
         if goals is None or victim is None:
             continue
         vacuous = "" if implanted(victim, vg.min_asr) else f" (vacuous: the attack did not implant, undefended asr {victim['asr']:.3f})"

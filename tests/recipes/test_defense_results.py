@@ -214,3 +214,18 @@ def test_the_shipped_quick_subset_narrows_every_setting_and_passes_the_checks(tm
         ["mllm"], ["badnets", "blended", "text"], ["vqa"], ["none", "pcr", "disp"])
     assert r.seeds == {} and r.attack_overrides == {} and r.docs_dir == str(tmp_path / "quick")
     assert list(quick.demo.finetune_overrides) == ["mllm"] and full.results.docs_dir == "docs"
+
+
+def test_gain_kept_is_the_share_of_the_clean_fine_tunes_gain_over_the_base():
+    from defend.results.table import add_gains
+
+    row = {"task": "vqa", "family": "mllm", "attack": "badnets", "seed": 0}
+    rows = [{**row, "defense": d, "vqa_accuracy": q} for d, q in
+            (("base", 0.5), ("clean", 0.9), ("none", 0.9), ("pcr", 0.7), ("abl", 0.5))]
+    rows.append({**row, "seed": 1, "defense": "none", "vqa_accuracy": 0.8})  # a later seed: the first seed's references
+    rows.append({**row, "attack": "sig", "defense": "none", "vqa_accuracy": 0.8})  # no references: no gain
+    add_gains(rows)
+    assert [r.get("gain_kept", "-") for r in rows] == ["-", "-", 1.0, 0.5, 0.0, 0.75, "-"]
+    same = [{**row, "defense": d, "vqa_accuracy": 0.6} for d in ("base", "clean", "none")]
+    add_gains(same)
+    assert same[2]["gain_kept"] is None  # no gain to keep a share of
