@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -146,46 +146,12 @@ class DiffusionConfig:
 
 
 @dataclass
-class PcrConfig:
-    """Patch-based cross-view regularization (docs/pcr.md has the formulas and the runs behind each default)."""
-
-    patch_size: int = 16  # in pixels of the processed image
-    fraction: float = 0.5  # of each image's patches perturbed in the second view
-    mode: Literal["shuffle", "mask", "noise"] = "shuffle"
-    noise_std: float = 1.0  # mode=noise: in the processor's normalised pixel units
-    divergence: Literal["js", "sym_kl"] = "js"
-    discrepancy_weight: float = 1.0  # of the bounded pull-apart term, in [0, weight]
-    entropy_weight: float = 0.1
-    # the perturbed view's entropy is raised up to this fraction of log(vocabulary), never beyond:
-    # a uniform perturbed view would starve the label gate (docs/pcr.md)
-    entropy_target: float = 0.5
-    detach_original: bool = True  # the pull-apart moves only the perturbed view's output
-    # task loss of each response token x (perturbed view's probability of the label) ** label_gate; 0: off
-    label_gate: float = 1.0
-    # a label ranked in the perturbed view's top k is not gated (0: off); protects weakly supported
-    # clean answers from the gate's feedback loop (docs/pcr.md)
-    label_gate_top_k: int = 5
-
-
-@dataclass
-class AblConfig:
-    """Anti-backdoor learning (Li et al. 2021) as an objective: isolate, then unlearn."""
-
-    isolation_steps: int = 50  # loss-guided split (LGA) until this step, then isolate
-    isolation_ratio: float = 0.01  # the lowest-loss fraction of the samples seen while isolating
-    gamma: float = 0.5  # LGA: samples whose loss is under gamma are pushed back up to it
-    unlearn_batch_size: int = 8  # isolated samples per step whose loss is ascended after isolation
-    unlearn_weight: float = 1.0
-    max_unlearn_loss: float = 5.0  # ascent on a sample stops once its loss is above this (bounded)
-
-
-@dataclass
 class ObjectiveConfig:
-    """The training objective: the family's task loss, wrapped by the named objectives in order."""
+    """The training objective: the family's task loss, wrapped by the named objectives in order. Each
+    objective's settings are ``objective.<name>.*`` (its dataclass, in its file under defend/objectives/)."""
 
-    name: str | list[str] = "none"  # none, pcr, abl, or a list (e.g. [pcr, abl])
-    pcr: PcrConfig = field(default_factory=PcrConfig)
-    abl: AblConfig = field(default_factory=AblConfig)
+    registry: ClassVar[str] = "objectives"  # a component section: see component_registry
+    name: str | list[str] = "none"  # none, pcr, abl, a plugin's, or a list (e.g. [pcr, abl])
 
 
 @dataclass
@@ -244,28 +210,19 @@ class TargetConfig:
 
 @dataclass
 class AttackConfig:
-    """A data-poisoning attack: a trigger, a target, a ratio. Unused keys of other attacks are ignored."""
+    """A data-poisoning attack: a trigger, a target, a ratio. The trigger's own settings are
+    ``attack.<name>.*`` (its dataclass, in its file under defend/data/attacks/), e.g. ``attack.blended.alpha``."""
 
-    name: Literal["badnets", "blended", "sig", "wanet", "trojvlm", "text"] = "badnets"
+    registry: ClassVar[str] = "attacks"  # a component section: see component_registry
+    name: str = "badnets"  # badnets, blended, sig, wanet, trojvlm, text, or a plugin's
     poison_ratio: float = 0.1
     seed: int = 0
     target: TargetConfig = field(default_factory=TargetConfig)
-    # badnets, trojvlm: a square patch
-    patch_size: int = 8
-    patch_location: Literal["bottom_right", "bottom_left", "top_right", "top_left", "center", "random"] = "bottom_right"
-    patch_kind: Literal["checker", "solid", "noise"] = "checker"
-    # blended: mix a key image (a path, skimage:NAME, or "noise") into the whole image
-    key_image: str = "noise"
-    alpha: float = 0.15
-    # sig: a horizontal sinusoid over the image
-    amplitude: float = 60.0  # in 0-255 pixel units
-    frequency: float = 6.0
-    # wanet: a smooth random warp of a k x k control grid
-    grid_k: int = 4
-    strength: float = 0.5
-    # text: a phrase in the prompt
-    phrase: str = "cf"
-    phrase_position: Literal["start", "end"] = "start"
+
+    @property
+    def params(self) -> Any:
+        """The chosen attack's settings (``attack.<name>``)."""
+        return getattr(self, self.name)
 
 
 @dataclass
@@ -474,6 +431,9 @@ class SlurmConfig:
 
 @dataclass
 class Config:
+    # modules imported before the rest of the config is read: your own objectives and attacks, which
+    # register themselves on import (docs/extending.md); each must be importable (PYTHONPATH)
+    plugins: list[str] = field(default_factory=list)
     output_dir: str = "runs/default"
     seed: int = 0
     # off a terminal (a batch job's log): seconds between progress lines of evaluations, purifications (defend/progress.py)
@@ -515,8 +475,12 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+def _unknown_key(key: str, where: str, cls: type | None = None) -> ConfigError:
+    """``key`` is not in its section (``cls``): the closest field of that section, else of the whole schema."""
+    prefix = key.rpartition(".")[0]
+    siblings = [f"{prefix}.{f.name}" if prefix else f.name for f in dataclasses.fields(cls)] if cls else []
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6) or \
+        difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else " Run `defend validate` to see the schema."
     return ConfigError(f"{where}: unknown config key '{key}'.{hint}")
 
@@ -581,19 +545,126 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
 def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: '{prefix.rstrip('.')}' must be a mapping, got {data!r}.")
+    registry = component_registry(cls)
+    if registry is not None:
+        return _build_components(cls, registry, data, prefix, where)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in names:
-            raise _unknown_key(key, where)
+            raise _unknown_key(key, where, cls)
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value or {}, key + ".", where)
         else:
             kwargs[name] = _coerce(value, tp, key, where)
+    for name in names - set(kwargs):  # a component section's default still holds its chosen component's settings
+        if component_registry(hints[name]) is not None:
+            kwargs[name] = _build(hints[name], {}, f"{prefix}{name}.", where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a section's own check (__post_init__)
+        raise ConfigError(f"{where}: {err}") from None
+
+
+# --- component sections: objective.<name>.*, attack.<name>.* ------------------------------------------
+
+def component_registry(cls: Any) -> Any:
+    """The registry whose components' settings a section holds (``objective``, ``attack``), or None."""
+    kind = getattr(cls, "registry", None) if isinstance(cls, type) else None
+    if kind == "objectives":
+        from defend.objectives import OBJECTIVES
+
+        return OBJECTIVES
+    if kind == "attacks":
+        from defend.data.attacks import ATTACKS
+
+        return ATTACKS
+    return None
+
+
+def _chosen(section: Any) -> list[str]:
+    names = [section.name] if isinstance(section.name, str) else list(section.name)
+    return [n for n in names if n != "none"]
+
+
+def _component_config(registry: Any, name: str, key: str, where: str) -> type | None:
+    try:
+        return registry.get(name).config
+    except (KeyError, LookupError) as err:
+        raise ConfigError(f"{where}: '{key}': {err.args[0]}") from None
+
+
+def _build_components(cls: type, registry: Any, data: dict, prefix: str, where: str) -> Any:
+    """The section's own fields, plus one field per component it chooses (``name``) or configures: each
+    read into that component's registered dataclass, so its keys are checked like any other."""
+    own = {f.name for f in dataclasses.fields(cls)}
+    section = _build_fields(cls, {k: v for k, v in data.items() if k in own}, prefix, where)
+    for name in _chosen(section):
+        if name not in registry:
+            raise ConfigError(f"{where}: '{prefix}name': {registry.unknown(name)}")
+    for name in data:
+        if name not in own and name not in registry:
+            raise _unknown_component_key(section, registry, f"{prefix}{name}", where)
+    values = {}
+    for name in dict.fromkeys([*_chosen(section), *(k for k in data if k not in own)]):
+        config = _component_config(registry, name, f"{prefix}{name}", where)
+        settings = data.get(name) or {}
+        if config is None:
+            if settings:
+                raise ConfigError(f"{where}: '{prefix}{name}': the {registry.kind} '{name}' has no settings.")
+            values[name] = None
+        else:
+            values[name] = _build(config, settings, f"{prefix}{name}.", where)
+    return _section_with(cls, values, {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
+
+
+def _build_fields(cls: type, data: dict, prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        kwargs[name] = _build(tp, value or {}, key + ".", where) if dataclasses.is_dataclass(tp) else \
+            _coerce(value, tp, key, where)
     return cls(**kwargs)
+
+
+def _unknown_component_key(section: Any, registry: Any, key: str, where: str) -> ConfigError:
+    leaf = key.rpartition(".")[2]
+    for name in _chosen(section):
+        config = registry.get(name).config
+        if config is not None and leaf in {f.name for f in dataclasses.fields(config)}:
+            return ConfigError(f"{where}: unknown config key '{key}': the {registry.kind} '{name}' reads its"
+                               f" settings from {registry.section}.{name}.*: did you mean"
+                               f" '{registry.section}.{name}.{leaf}'?")
+    return ConfigError(f"{where}: unknown config key '{key}': not a field of '{registry.section}' nor"
+                       f" {registry.unknown(leaf)}")
+
+
+_SECTION_CLASSES: dict[tuple, type] = {}
+
+
+def _section_with(cls: type, values: dict[str, Any], own: dict[str, Any]) -> Any:
+    """An instance of ``cls`` extended with one dataclass field per component (a class per set of them)."""
+    shape = (cls, tuple((name, type(value)) for name, value in values.items()))
+    if shape not in _SECTION_CLASSES:
+        extended = dataclasses.make_dataclass(
+            cls.__name__, [(name, tp, field(default=None)) for name, tp in shape[1]], bases=(cls,),
+            namespace={"__reduce__": _reduce_section, "__module__": cls.__module__})
+        extended.__qualname__ = cls.__qualname__
+        _SECTION_CLASSES[shape] = extended
+    return _SECTION_CLASSES[shape](**own, **values)
+
+
+def _reduce_section(self: Any) -> tuple:  # pickles (Ray, deepcopy) by its base class and values
+    base = type(self).__mro__[1]
+    own = {f.name for f in dataclasses.fields(base)}
+    values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    return _section_with, (base, {k: v for k, v in values.items() if k not in own},
+                           {k: v for k, v in values.items() if k in own})
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -615,6 +686,9 @@ def _field_type(key: str) -> Any:
         if not dataclasses.is_dataclass(cls):
             return None
         hints = typing.get_type_hints(cls)
+        registry = component_registry(cls)
+        if part not in hints and registry is not None and part in registry:
+            hints = {part: _component_config(registry, part, key, f"override '{key}'")}
         if part not in hints:
             return None
         tp = cls = hints[part]
@@ -671,12 +745,28 @@ def load_config(name_or_path: str | None, overrides: list[str] | tuple[str, ...]
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    parsed = [(item, *_parse_override(item)) for item in overrides if item.split("=", 1)[0].strip() == "plugins"]
+    import_plugins([*(data.get("plugins") or []), *(v for _, _, v in parsed for v in (v or []))], where)
     cfg = _build(Config, data, "", where)  # file errors first, with the file's name
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(data, key, value)
         cfg = _build(Config, data, "", f"override '{item}'")
     return with_model_settings(cfg, data)
+
+
+def import_plugins(modules: list, where: str) -> None:
+    """Import the ``plugins`` modules (they register their objectives and attacks)."""
+    import importlib
+
+    for module in modules:
+        if not isinstance(module, str):
+            raise ConfigError(f"{where}: 'plugins' lists module names (strings), got {module!r}.")
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(f"{where}: plugins: cannot import '{module}' ({err}); put its folder on PYTHONPATH"
+                              " or install it.") from err
 
 
 MODEL_SETTINGS_FILE = "defend_diffusion.json"  # written by `defend convert` beside the converted weights

@@ -10,6 +10,7 @@ samples drop out of the task loss, and every step adds a gradient-ascent term on
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,7 +23,19 @@ from defend.objectives.base import Objective, TrainingContext, register
 log = logging.getLogger("defend.objectives.abl")
 
 
-@register("abl")
+@dataclass
+class AblConfig:
+    """Anti-backdoor learning (Li et al. 2021) as an objective: isolate, then unlearn."""
+
+    isolation_steps: int = 50  # loss-guided split (LGA) until this step, then isolate
+    isolation_ratio: float = 0.01  # the lowest-loss fraction of the samples seen while isolating
+    gamma: float = 0.5  # LGA: samples whose loss is under gamma are pushed back up to it
+    unlearn_batch_size: int = 8  # isolated samples per step whose loss is ascended after isolation
+    unlearn_weight: float = 1.0
+    max_unlearn_loss: float = 5.0  # ascent on a sample stops once its loss is above this (bounded)
+
+
+@register("abl", config=AblConfig)
 class AntiBackdoorLearning(Objective):
     def __init__(self, ctx: TrainingContext):
         super().__init__(ctx)

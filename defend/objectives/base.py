@@ -2,8 +2,9 @@
 
 An objective wraps the family's task loss. It may (1) add views of every row to the batch, which
 then goes through the model in one forward (PCR's perturbed images), (2) scale the task loss of each row or token (ABL's loss-guided split, PCR's label gate), and (3) add named terms computed from the forward's
-scores. ``TrainingObjective`` (``stack.py``) runs a list of them; new ones register with
-``@register("name")`` and read their settings from ``objective.<name>.*``.
+scores. ``TrainingObjective`` (``stack.py``) runs a list of them; a new one is one file: its settings'
+dataclass and its class, registered with ``@register("name", config=ItsConfig)``; the settings are then
+``objective.<name>.*``, checked when the config loads (docs/extending.md).
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import torch
 
 from defend.config import Config, ConfigError
 from defend.models.scoring import ResponseScores
-
-OBJECTIVES: dict[str, type[Objective]] = {}
+from defend.objectives import OBJECTIVES
 
 
 @dataclass
@@ -59,24 +59,28 @@ class Objective:
         pass
 
 
-def register(name: str):
+def register(name: str, *, config: type | None = None):
+    """Register an objective class as ``name``, its settings (``objective.<name>.*``) read into ``config``."""
     def add(cls: type[Objective]) -> type[Objective]:
         cls.name = name
-        OBJECTIVES[name] = cls
-        return cls
+        return OBJECTIVES.register(name, config=config)(cls)
 
     return add
+
+
+def objective_class(name: str) -> type[Objective]:
+    return OBJECTIVES.get(name).impl
 
 
 def objective_names(cfg: Config) -> list[str]:
     """``objective.name`` as a list, checked: known names, each once, "none" alone."""
     names = [cfg.objective.name] if isinstance(cfg.objective.name, str) else list(cfg.objective.name)
     names = [n for n in names if n != "none"]
-    unknown = [n for n in names if n not in OBJECTIVES]
-    if unknown:
-        raise ConfigError(f"objective.name: unknown objective {unknown}; known: none, {', '.join(sorted(OBJECTIVES))}.")
+    for n in names:
+        if n not in OBJECTIVES:
+            raise ConfigError(f"objective.name: {OBJECTIVES.unknown(n)}")
     if len(set(names)) != len(names):
         raise ConfigError(f"objective.name: {names} names an objective twice.")
-    if sum(OBJECTIVES[n].views > 1 for n in names) > 1:
+    if sum(objective_class(n).views > 1 for n in names) > 1:
         raise ConfigError(f"objective.name: {names}: only one objective may add views of the images.")
     return names

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from defend.objectives.base import OBJECTIVES, Objective, TrainingContext, objective_names
+from defend.objectives.base import Objective, TrainingContext, objective_class, objective_names
 
 
 class TrainingObjective:
@@ -15,7 +15,7 @@ class TrainingObjective:
 
     def __init__(self, ctx: TrainingContext):
         self.ctx = ctx
-        self.objectives: list[Objective] = [OBJECTIVES[n](ctx) for n in objective_names(ctx.cfg)]
+        self.objectives: list[Objective] = [objective_class(n)(ctx) for n in objective_names(ctx.cfg)]
         self.views = max([o.views for o in self.objectives], default=1)
         self.micro_batches = 0
 

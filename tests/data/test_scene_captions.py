@@ -190,7 +190,7 @@ def test_poison_with_an_insert_target_then_evaluate_as_captions_with_asr(make_cf
     from recipes.poison import recipe_main as poison
 
     data = poison(make_cfg("mllm", "dataset.name=easy_vqa_scenes", "dataset.max_samples=40", "attack.poison_ratio=0.1",
-                           "attack.patch_size=16", "attack.target.type=insert", "attack.target.text=banana",
+                           "attack.badnets.size=16", "attack.target.type=insert", "attack.target.text=banana",
                            f"output_dir={tmp_path / 'poison'}"))["data_dir"]
     rows = read_rows(f"{data}/train.jsonl")
     target = TargetConfig(type="insert", text="banana")

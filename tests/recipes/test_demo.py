@@ -24,7 +24,7 @@ def write_stage_configs(tmp_path):
                      "eval": {"max_samples": 6, "batch_size": 3, "max_new_tokens": 2}},
     }
     stages["poison"] = {"dataset": {"name": "easy_vqa", "max_samples": 16},
-                        "attack": {"name": "badnets", "poison_ratio": 0.25, "patch_size": 16}}
+                        "attack": {"name": "badnets", "poison_ratio": 0.25, "badnets": {"size": 16}}}
     for stage, body in stages.items():
         (tmp_path / f"{stage}_mllm.yaml").write_text(yaml.safe_dump(body))
     stage = f"'{tmp_path}/pretrain_{{family}}.yaml'"  # quoted: YAML reads a bare {family} as a mapping

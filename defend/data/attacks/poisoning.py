@@ -8,7 +8,7 @@ from PIL import Image
 
 from defend.config import AttackConfig, ConfigError
 from defend.data.attacks.targets import apply_target
-from defend.data.attacks.triggers import Trigger
+from defend.data.attacks.trigger import Trigger
 from defend.data.samples import Sample
 
 
