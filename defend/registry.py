@@ -56,8 +56,8 @@ class Registry:
         """Why ``name`` is not a component: the known names and the closest one."""
         close = difflib.get_close_matches(name, self.names(), n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        return (f"unknown {self.kind} '{name}'; known: {', '.join(self.names())}.{hint} A {self.kind} of your own"
-                f" registers in its file and is imported through `plugins: [your.module]` (docs/extending.md).")
+        return (f"unknown {self.kind} '{name}'; known: {', '.join(self.names())}.{hint} Your own {self.kind}"
+                f"s register in their own file, imported through `plugins: [your.module]` (docs/extending.md).")
 
     def get(self, name: str) -> Component:
         """The component, importing its module on first use."""

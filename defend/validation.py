@@ -266,6 +266,13 @@ def check_objectives(cfg: Config) -> None:
     objective_names(cfg)
 
 
+def check_attack(cfg: Config) -> None:
+    """The trigger builds from its settings (a key image that is not there, TrojVLM without an inserted target)."""
+    from defend.data.attacks import build_trigger
+
+    build_trigger(cfg.attack)
+
+
 # --- model, adapter, tokenizer ----------------------------------------------------------------------
 
 def model_folder(cfg: Config, build_tiny: bool = False) -> Path | None:
@@ -434,7 +441,7 @@ def check_tokenizer(cfg: Config) -> None:
 
 CHECKS: tuple[Callable[[Config], list[str] | None], ...] = (
     check_train_settings, check_diffusion, check_nproc, check_output_dir, check_deepspeed_keys, check_deepspeed_batch,
-    check_deepspeed_combination, check_objectives, check_model, check_adapter, check_tokenizer,
+    check_deepspeed_combination, check_objectives, check_attack, check_model, check_adapter, check_tokenizer,
 )
 
 

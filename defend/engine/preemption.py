@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # exit status of a run stopped by a signal after saving its checkpoint (EX_TEMPFAIL: "try again")
 STOPPED_EXIT_CODE = 75
@@ -64,6 +62,8 @@ class StopRequest:
         self.received = signal.Signals(signum).name
 
     def requested(self) -> bool:
+        import torch  # here, not at the top: the CLI imports this module and must start fast
+
         for poll in _STOP_SOURCES:
             if self.received:
                 break

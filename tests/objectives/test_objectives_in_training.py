@@ -57,7 +57,7 @@ def test_pcr_changes_training_and_no_objective_keeps_the_plain_task_loss(make_cf
 
 
 @pytest.mark.parametrize("override, message", [
-    ("objective.name=pcrr", r"unknown objective \['pcrr'\]"),
+    ("objective.name=pcrr", r"unknown objective 'pcrr'; known: abl, pcr.*Did you mean 'pcr'"),
     ("objective.name=[pcr, pcr]", "names an objective twice"),
     ("objective.pcr.fraction=0", r"objective.pcr.fraction must be in \(0, 1\]"),
     ("objective.pcr.patch_size=128", "objective.pcr: patch size 128 is larger than"),

@@ -107,3 +107,34 @@ def test_key_image_that_does_not_exist_is_named(tmp_path):
         build_trigger(attack("attack.name=blended", f"attack.blended.key_image={tmp_path / 'missing.png'}"))
     with pytest.raises(ConfigError, match="scikit-image has no image 'astronot'"):
         build_trigger(attack("attack.name=blended", "attack.blended.key_image=skimage:astronot"))
+
+
+ATTACK_PLUGIN = '''"""An attack of our own: one pixel of a chosen grey level in the top-left corner."""
+from dataclasses import dataclass
+
+from defend.data.attacks import ATTACKS
+from defend.data.attacks.trigger import Trigger
+
+
+@dataclass
+class DotConfig:
+    level: int = 255
+
+
+@ATTACKS.register("dot", config=DotConfig)
+class DotTrigger(Trigger):
+    def image(self, img, rng):
+        out = img.copy()
+        out[0, 0] = self.params.level
+        return out
+'''
+
+
+def test_an_attack_in_one_file_is_named_and_configured_like_a_built_in_one(tmp_path, monkeypatch):
+    (tmp_path / "dot_attack.py").write_text(ATTACK_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    trigger = build_trigger(attack("plugins=[dot_attack]", "attack.name=dot", "attack.dot.level=7"))
+    out = trigger.image(IMAGE, np.random.default_rng(0))
+    assert (out[0, 0] == 7).all() and np.array_equal(out[1:], IMAGE[1:])
+    with pytest.raises(ConfigError, match=r"Did you mean 'attack\.dot\.level'\?"):
+        attack("plugins=[dot_attack]", "attack.name=dot", "attack.dot.levle=7")

@@ -1,0 +1,79 @@
+"""A new objective is one file: its settings' dataclass and its class, registered by name; a config
+names it through ``plugins`` and sets ``objective.<name>.*``, checked like every built-in key."""
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from defend.config import ConfigError, load_config
+from recipes.finetune import recipe_main
+
+PLUGIN = '''"""An objective of our own: the task loss of every row times a constant."""
+from dataclasses import dataclass
+
+import torch
+
+from defend.objectives import Objective, register
+
+
+@dataclass
+class ScaledConfig:
+    factor: float = 1.0
+
+
+@register("scaled", config=ScaledConfig)
+class Scaled(Objective):
+    def loss_scale(self, scores, batch, step):
+        return torch.full((len(batch["sample_ids"]), 1), self.ctx.cfg.objective.scaled.factor)
+'''
+RUN = ["dataset.max_samples=8", "train.micro_batch_size=4", "train.max_steps=2", "train.log_every=1"]
+
+
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "scaled_objective.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(folder))
+    return folder
+
+
+def test_an_objective_in_one_file_trains_with_its_own_settings(make_cfg, plugin_dir, tmp_path):
+    plain = recipe_main(make_cfg("mllm", *RUN, f"output_dir={tmp_path / 'plain'}"))
+    cfg = make_cfg("mllm", *RUN, "plugins=[scaled_objective]", "objective.name=scaled", "objective.scaled.factor=0.25",
+                   f"output_dir={tmp_path / 'scaled'}")
+    scaled = recipe_main(cfg)
+    # the same model and first batch: the first step's loss is exactly the plugin's factor times the plain one
+    assert scaled["first_loss"] == pytest.approx(0.25 * plain["first_loss"], rel=1e-5)
+    written = yaml.safe_load((tmp_path / "scaled" / "config.yaml").read_text())
+    assert written["objective"] == {"name": "scaled", "scaled": {"factor": 0.25}}  # what the run read, no more
+
+
+def test_the_plugins_settings_are_checked_at_load(plugin_dir):
+    with pytest.raises(ConfigError, match=r"unknown config key 'objective\.scaled\.factr'. Did you mean"
+                                          r" 'objective\.scaled\.factor'\?"):
+        load_config(None, ["plugins=[scaled_objective]", "objective.name=scaled", "objective.scaled.factr=2"])
+    with pytest.raises(ConfigError, match=r"'objective\.scaled\.factor' must be float"):
+        load_config(None, ["plugins=[scaled_objective]", "objective.name=scaled", "objective.scaled.factor=big"])
+    with pytest.raises(ConfigError, match=r"plugins: cannot import 'no_such_plugin'"):
+        load_config(None, ["plugins=[no_such_plugin]"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective.name=pcrr"], r"unknown objective 'pcrr'"),
+    (["objective.name=pcr", "objective.pcr.fractoin=0.3"], r"Did you mean 'objective\.pcr\.fraction'\?"),
+    (["attack.name=blended", "attack.blended.alpah=0.3"], r"Did you mean 'attack\.blended\.alpha'\?"),
+])
+def test_defend_validate_refuses_a_typo_in_under_two_seconds_without_loading_a_model(overrides, message):
+    # model.path names no folder: had validate gone past the config (to the model checks) it would say so too
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "defend.cli", "validate", "finetune_tiny_mllm",
+                           "model.path=/nonexistent/model", *overrides], capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    assert done.returncode == 2
+    assert re.search(message, done.stderr), done.stderr
+    assert "/nonexistent/model" not in done.stderr
+    assert elapsed < 2.0, f"{elapsed:.2f} s"
