@@ -1,7 +1,10 @@
 """Run configuration: a typed schema, YAML files, dotted ``key=value`` overrides.
 
 Every recipe reads one :class:`Config`. Unknown keys and wrong types fail before any work,
-naming the key and the closest valid one.
+naming the key and the closest valid one. This module holds the core sections (model, data, training,
+launch); the components' sections come from their registries (``objective.<name>``: defend/objectives/,
+``attack.<name>``: defend/data/attacks/; defend/registry.py) and the orchestration recipes' from their
+own modules (defend/orchestration.py, defend/results/config.py).
 """
 from __future__ import annotations
 
@@ -16,9 +19,9 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and the fix."""
+from defend.errors import ConfigError
+from defend.orchestration import DemoConfig, DispConfig, SweepConfig
+from defend.results.config import ResultsConfig
 
 
 @dataclass
@@ -223,165 +226,6 @@ class AttackConfig:
     def params(self) -> Any:
         """The chosen attack's settings (``attack.<name>``)."""
         return getattr(self, self.name)
-
-
-@dataclass
-class DemoGoals:
-    """What the demo expects; results.md ticks each one."""
-
-    min_vqa_accuracy: float = 0.85  # clean fine-tune, easy-vqa test
-    min_asr: float = 0.9  # backdoored fine-tune on triggered inputs
-    max_asr_clean: float = 0.05  # backdoored on clean inputs; also the clean model's asr
-    max_accuracy_drop: float = 0.05  # backdoored vs clean fine-tune vqa_accuracy
-
-
-@dataclass
-class DemoConfig:
-    """The demo recipe's stages. Each runs with ``model.family`` set; a ``{family}`` in a config name
-    is filled in (for per-family stage configs)."""
-
-    families: list[Literal["mllm", "mdlm"]] = field(default_factory=lambda: ["mllm", "mdlm"])
-    # one vision encoder for all families (pretrain_vision recipe); null: none
-    vision_config: str | None = "demo_pretrain_vision"
-    # finetune stages of each family's base, in order; the first starts from its own model.path
-    # with the vision encoder above, each next one from the previous one's model
-    pretrain_configs: list[str] = field(default_factory=lambda: ["demo_pretrain_vqa"])
-    finetune_config: str = "demo_finetune"
-    # per family, overrides of the fine-tunes (clean and poisoned alike), e.g. {mdlm: [train.max_steps=500]}
-    finetune_overrides: dict[str, list[str]] = field(default_factory=dict)
-    evaluate_config: str = "demo_evaluate"
-    # the attack of the backdoored fine-tune (a poison config); null: clean models only
-    poison_config: str | None = "poison_badnets_easy_vqa"
-    goals: DemoGoals = field(default_factory=DemoGoals)
-    reuse_pretrained: bool = True  # reuse a cached base pre-trained with the same settings
-
-
-@dataclass
-class ResultsGoals:
-    """What a defense should reach on every attack; RESULTS.md ticks each one. Quality is the task's
-    (vqa_accuracy for vqa, cider for caption)."""
-
-    max_asr: float = 0.25
-    # quality at most this far below the undefended model's on the same attack (absolute points)
-    max_accuracy_drop: float | None = None
-    # quality at least this fraction of the undefended model's on the same attack
-    min_accuracy_ratio: float | None = None
-
-
-@dataclass
-class ResultsVictimGoals:
-    """What every victim must show before its defense rows mean anything; RESULTS.md ticks each one."""
-
-    min_asr: float = 0.9  # the undefended victim, on triggered inputs
-    max_asr_clean: float = 0.05  # ... and on clean ones
-    # the clean fine-tune's quality over the base's (absolute; 0.10 = ten points of vqa_accuracy): the
-    # fine-tune teaches something new, so a defense that stops learning shows up as losing that gain
-    min_clean_gain: float = 0.10
-
-
-@dataclass
-class StageOverrides:
-    """Overrides of a results cell's stages on top of the attacks' and the demo's configs."""
-
-    poison_overrides: list[str] = field(default_factory=list)  # e.g. [dataset.name=easy_vqa_scenes]
-    finetune_overrides: list[str] = field(default_factory=list)
-    evaluate_overrides: list[str] = field(default_factory=list)  # e.g. [eval.task=caption]
-
-
-@dataclass
-class ResultsTask(StageOverrides):
-    """One task of the results: its stage overrides, and which attacks it runs (null: all)."""
-
-    attacks: list[str] | None = None
-
-
-@dataclass
-class ResultsSubset:
-    """``results.quick``: what the quick run keeps (one attack per trigger kind, one family)."""
-
-    families: list[Literal["mllm", "mdlm"]] = field(default_factory=lambda: ["mllm"])
-    attacks: list[str] = field(default_factory=lambda: ["badnets", "blended", "text"])
-    tasks: list[str] = field(default_factory=lambda: ["vqa"])
-    defenses: list[str] = field(default_factory=lambda: ["none", "pcr", "disp"])
-
-
-def _default_goals() -> dict[str, ResultsGoals]:
-    disp = ResultsGoals(max_asr=0.05, min_accuracy_ratio=0.95)  # the DiSP paper's claim
-    return {"pcr": ResultsGoals(max_asr=0.25, max_accuracy_drop=0.05), "disp": disp, "disp+pcr": disp}
-
-
-@dataclass
-class ResultsConfig:
-    """The ``defense_results`` recipe: every attack x defense x family on the demo's models."""
-
-    families: list[Literal["mllm", "mdlm"]] = field(default_factory=lambda: ["mllm", "mdlm"])
-    # attack name -> its poison config
-    attacks: dict[str, str] = field(default_factory=lambda: {
-        "badnets": "poison_badnets_easy_vqa", "blended": "poison_blended_easy_vqa", "sig": "poison_sig_easy_vqa",
-        "wanet": "poison_wanet_easy_vqa", "trojvlm": "poison_trojvlm_easy_vqa"})
-    # defense name -> overrides of the victim's fine-tune ("none": the undefended victim)
-    defenses: dict[str, list[str]] = field(default_factory=lambda: {
-        "none": [], "pcr": ["objective.name=pcr"], "abl": ["objective.name=abl"],
-        "disp": [], "disp+pcr": ["objective.name=pcr"]})
-    # defenses (those present in ``defenses``) that first purify the poisoned set with the undefended
-    # victim (the ``disp`` recipe with config ``disp_config``), then fine-tune the base on the
-    # purified set with their overrides
-    purified: list[str] = field(default_factory=lambda: ["disp", "disp+pcr"])
-    disp_config: str = "disp_demo"
-    # defenses (present in ``defenses``) that fine-tune the undefended victim's adapter further, with their
-    # overrides, on the first ``clean_rows`` rows of the unpoisoned training set (the defender's clean subset)
-    from_victim: list[str] = field(default_factory=list)
-    clean_rows: int = 500
-    # task name -> its stage overrides (vqa: the attacks' configs as they are)
-    tasks: dict[str, ResultsTask] = field(default_factory=lambda: {"vqa": ResultsTask()})
-    # attack name -> overrides of its stages (after the task's): one poison config as several attacks,
-    # e.g. badnets_refuse: {poison_overrides: [attack.target.type=refuse, ...], evaluate_overrides: [...]}
-    attack_overrides: dict[str, StageOverrides] = field(default_factory=dict)
-    # attack name -> the seeds it runs with (each its own poison draw and training); others: ``seed``
-    seeds: dict[str, list[int]] = field(default_factory=dict)
-    # rows every defense is read against, per task, family and attack (first seed): "base" (the
-    # pre-trained base, not fine-tuned) and "clean" (fine-tuned on the unpoisoned training set)
-    references: bool = True
-    # overrides of every evaluation (e.g. a smaller test set)
-    eval_overrides: list[str] = field(default_factory=list)
-    docs_dir: str = "docs"  # RESULTS.md, results.json and the plot are written here
-    # defense name -> what it should reach on every attack (defenses not named are reported, not
-    # checked; names not in ``defenses`` are ignored)
-    goals: dict[str, ResultsGoals] = field(default_factory=_default_goals)
-    victim_goals: ResultsVictimGoals = field(default_factory=ResultsVictimGoals)
-    # a quick run of ``quick_subset`` only (one seed), written into output_dir/quick, docs untouched
-    quick: bool = False
-    quick_subset: ResultsSubset = field(default_factory=ResultsSubset)
-
-
-@dataclass
-class DispConfig:
-    """The ``disp`` recipe: purify (with this config) -> fine-tune on the purified set -> evaluate.
-
-    The later stages are ordinary recipe runs with their own configs; the chain passes them the
-    model (family, path), ``seed``, the data and this config's ``objective`` section."""
-
-    finetune_config: str = "finetune_tiny_mllm"
-    evaluate_config: str = "evaluate_tiny_mllm"
-    finetune_overrides: list[str] = field(default_factory=list)
-    evaluate_overrides: list[str] = field(default_factory=list)
-    # where the purification's shards and data go (null: output_dir/purify); chains with the same
-    # purify settings can share one folder and purify once
-    purify_dir: str | None = None
-    # purify -> fine-tune this many times, each round purifying with the previous round's recovered
-    # model (1: the paper's DiSP)
-    rounds: int = 1
-
-
-@dataclass
-class SweepConfig:
-    """The ``disp_sweep`` recipe: DiSP's masked inference on one model at every mask ratio x selection."""
-
-    mask_ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.7])
-    selections: list[Literal["saliency", "attention", "random"]] = field(
-        default_factory=lambda: ["saliency", "random", "attention"])
-    evaluate_config: str = "evaluate_tiny_mllm"
-    evaluate_overrides: list[str] = field(default_factory=list)
 
 
 @dataclass

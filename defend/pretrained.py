@@ -1,39 +1,21 @@
 """Pre-trained tiny bases for the demo and the defense results: run a chain of recipe stages once,
-cache the result keyed by the stages' resolved settings, and reuse it on the next run."""
+cache the result keyed by the settings the stages read (defend/stage_cache.py), reuse it on the next run."""
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import shutil
 import time
 from pathlib import Path
 
-import defend
 from defend.atomic import atomic_dir
-from defend.config import Config, load_config
+from defend.config import Config
 from defend.models.tiny import TINY_PATH, cache_root
 from defend.runner import run_recipe
-
-
-def flat(settings: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in settings.items():
-        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
-    return out
+from defend.stage_cache import settings_key, stage_settings
 
 
 def stage_key(*stages: tuple[str, str, list[str]]) -> str:
-    """Cache key of a chain of stages: (recipe, config, overrides) each, by the resolved settings that
-    differ from the defaults (a new config key with its default keeps the cache; a change that must
-    not reuse it bumps ``defend.__version__``)."""
-    defaults = flat(dataclasses.asdict(Config()))
-    settings: list = [defend.__version__]
-    for recipe, name, overrides in stages:
-        stage = flat(dataclasses.asdict(load_config(name, overrides)))
-        stage.pop("output_dir")
-        settings.append([recipe, {k: v for k, v in stage.items() if k not in defaults or defaults[k] != v}])
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    """Cache key of a chain of stages: (recipe, config, overrides) each, by the settings each recipe reads."""
+    return settings_key([stage_settings(*stage) for stage in stages])
 
 
 def cached_stages(cfg: Config, name: str, stages: list[tuple[str, str, list[str]]], out: Path, log) -> tuple[Path, float]:

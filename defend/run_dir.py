@@ -2,23 +2,14 @@
 from __future__ import annotations
 
 import logging
-import random
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from defend.atomic import write_text
 from defend.config import Config, dump_config
+from defend.seeds import seed_everything
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def start_run(cfg: Config, recipe: str) -> logging.Logger:

@@ -117,7 +117,7 @@ def recipe_main(cfg: Config) -> list[dict]:
             subset = clean_dataset(poison_config, settings.poison_overrides, r.clean_rows)  # the defender's clean rows
             for seed in seeds:
                 poison = [*settings.poison_overrides, *attack_poison, f"attack.seed={seed}"]
-                poison_dir = poisoned_data(poison_config, poison, out / "poison" / task / attack / f"seed{seed}")
+                poison_dir = poisoned_data(poison_config, poison, out / "poison" / task / attack / f"seed{seed}", log)
                 facts = attack_facts(poison_dir)
                 for family in r.families:
                     v = Victim(task, family, bases[family], attack, seed, poison_dir)

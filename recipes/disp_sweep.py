@@ -18,10 +18,10 @@ from pathlib import Path
 from defend.atomic import write_json, write_text
 from defend.config import Config, ConfigError
 from defend.models.tiny import TINY_PATH
-from defend.results.cells import run_cell
 from defend.results.plots import mask_ratio_sweep_plot
 from defend.run_dir import start_run
 from defend.runner import run_recipe
+from defend.stage_cache import run_once, stage_settings
 
 METRICS = ("asr", "asr_clean", "vqa_accuracy")
 
@@ -36,7 +36,8 @@ def check(cfg: Config) -> None:
 
 
 def point(cfg: Config, folder: Path, selection: str, ratio: float, log) -> dict:
-    """One evaluate run, a cell: reused when the folder holds a finished run with the same overrides."""
+    """One evaluate run, a stage: reused when the folder holds a finished run of the same settings (those
+    the evaluate recipe reads, from the evaluate config's file as it is now and the overrides)."""
     p = cfg.purify
     overrides = [f"seed={cfg.seed}", f"model.family={cfg.model.family}", f"model.path={cfg.model.path}",
                  f"model.adapter={cfg.model.adapter or 'null'}", f"eval.poison_dir={cfg.eval.poison_dir}",
@@ -50,7 +51,7 @@ def point(cfg: Config, folder: Path, selection: str, ratio: float, log) -> dict:
         metrics = run_recipe("evaluate", cfg.sweep.evaluate_config, [*overrides, f"output_dir={folder}"])
         return {k: metrics[k] for k in (*METRICS, "samples_per_second")}
 
-    return run_cell(folder, overrides, work, log)
+    return run_once(folder, stage_settings("evaluate", cfg.sweep.evaluate_config, overrides), work, log)
 
 
 def sweep_markdown(rows: list[dict], cfg: Config) -> str:

@@ -37,6 +37,11 @@ from defend.progress import Progress
 from defend.purify.masking import MaskedGenerator
 from defend.run_dir import start_run
 
+# what decides its output (defend/stage_cache.py: a stage reruns when one of these changes)
+READS = ("seed", "plugins", "model", "tiny", "dataset", "quant", "diffusion", "eval", "purify", "train.max_length")
+IGNORES = ("purify.actors", "purify.cpus_per_actor", "purify.gpus_per_actor", "purify.retries",
+           "diffusion.eps", "diffusion.inverse_t_weight", "diffusion.complementary_mask", "diffusion.labels")
+
 
 def load_eval_sets(cfg: Config) -> tuple[dict[str, list[Sample]], TargetConfig | None]:
     """``{"clean": [...]}`` from ``dataset``, or the clean and triggered sets of ``eval.poison_dir``."""

@@ -35,6 +35,9 @@ from defend.run_dir import start_run
 
 # any number of ranks: every launcher starts it once per rank (defend/runner.py)
 LAUNCHERS = ("none", "torchrun", "deepspeed", "ray")
+# what decides its output (defend/stage_cache.py: a stage reruns when one of these changes)
+READS = ("seed", "plugins", "model", "tiny", "dataset", "lora", "quant", "train", "diffusion", "objective", "deepspeed")
+IGNORES = ("train.log_every", "train.report_to", "train.save_every", "train.keep_checkpoints", "train.resume")
 
 
 class FinetuneRecipe:

@@ -28,6 +28,10 @@ from defend.progress import track
 from defend.run_dir import start_run
 
 
+# what decides its output (defend/stage_cache.py: a stage reruns when one of these changes)
+READS = ("plugins", "dataset", "attack")
+
+
 def triggered_copy(sample: Sample, trigger, cfg: Config, index: int) -> Sample:
     image, prompt = trigger_sample(sample, trigger, sample_rng(cfg.attack, index))
     return dataclasses.replace(sample, image=image, prompt=prompt, meta={**sample.meta, "triggered": True})

@@ -29,10 +29,14 @@ from defend.engine.loop import total_steps, train_loop, train_summary
 from defend.models import load_model
 from defend.models.saving import save_model_folder
 from defend.models.vision import find_vision_tower
-from defend.run_dir import seed_everything, start_run
+from defend.run_dir import start_run
+from defend.seeds import PRETRAIN_FLIPS, derive_seed, seed_everything
 
 # a DeepSpeed engine like finetune: every launcher starts it once per rank (defend/runner.py)
 LAUNCHERS = ("none", "torchrun", "deepspeed", "ray")
+# what decides its output (defend/stage_cache.py: a stage reruns when one of these changes)
+READS = ("seed", "plugins", "model", "tiny", "dataset", "lora", "quant", "train", "pretrain_vision", "deepspeed")
+IGNORES = ("train.log_every", "train.report_to", "train.save_every", "train.keep_checkpoints", "train.resume")
 
 
 class BagOfWordsClassifier(torch.nn.Module):
@@ -65,7 +69,7 @@ class PretrainVisionRecipe:
         self.log = start_run(cfg, "pretrain_vision")
         self.log.info("%d captioned images; %d words to predict: %s", len(self.samples), len(self.vocab),
                       " ".join(self.vocab[:30]) + (" ..." if len(self.vocab) > 30 else ""))
-        self.flips = torch.Generator().manual_seed(cfg.seed + 1)
+        self.flips = torch.Generator().manual_seed(derive_seed(cfg.seed, PRETRAIN_FLIPS))
         self.total_steps = total_steps(cfg.train, len(self.samples))
         self.engine = build_engine(self.classifier, cfg, self.total_steps, ds_config)
         self.checkpoints = Checkpointer.for_run(cfg, generators={"hflip": self.flips})

@@ -44,6 +44,13 @@ from defend.purify.masking import check_purify_settings
 from defend.run_dir import start_run
 
 
+# what decides its output (defend/stage_cache.py: a stage reruns when one of these changes)
+READS = ("seed", "plugins", "model", "tiny", "dataset", "quant", "diffusion", "eval.max_new_tokens", "purify",
+         "train.max_length")
+IGNORES = ("purify.actors", "purify.cpus_per_actor", "purify.gpus_per_actor", "purify.retries",
+           "diffusion.eps", "diffusion.inverse_t_weight", "diffusion.complementary_mask", "diffusion.labels")
+
+
 def check_inputs(cfg: Config) -> Path:
     if cfg.dataset.name != "jsonl" or not cfg.dataset.path:
         raise ConfigError("dataset: purify streams a jsonl file: set dataset.name=jsonl and dataset.path"

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from defend.config import Config, TrainConfig
 from defend.engine.distributed import rank, world_size
+from defend.seeds import derive_seed
 
 
 class ResumableSampler(Sampler[int]):
@@ -27,7 +28,7 @@ class ResumableSampler(Sampler[int]):
         self.per_rank = n // world_size
 
     def epoch_indices(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
         order = torch.randperm(self.n, generator=generator)[: self.per_rank * self.world_size]
         return order[self.rank:: self.world_size].tolist()
 

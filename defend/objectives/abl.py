@@ -19,6 +19,7 @@ from defend.config import ConfigError
 from defend.engine.distributed import rank
 from defend.models.scoring import ResponseScores
 from defend.objectives.base import Objective, TrainingContext, register
+from defend.seeds import ABL_UNLEARN, derive_seed
 
 log = logging.getLogger("defend.objectives.abl")
 
@@ -42,7 +43,7 @@ class AntiBackdoorLearning(Objective):
         self.cfg = ctx.cfg.objective.abl
         if not 0 < self.cfg.isolation_ratio < 1:
             raise ConfigError(f"objective.abl.isolation_ratio must be in (0, 1), got {self.cfg.isolation_ratio}.")
-        self.generators = {"unlearn": torch.Generator().manual_seed(ctx.cfg.seed * 1000 + 5 + rank())}
+        self.generators = {"unlearn": torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, ABL_UNLEARN, rank()))}
         self.index = {s.id: i for i, s in enumerate(ctx.samples)}
         self.losses: dict[str, float] = {}  # id -> latest loss, recorded in the second half of phase 1
         self.isolated: list[str] | None = None

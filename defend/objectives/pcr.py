@@ -25,6 +25,7 @@ from defend.engine.distributed import rank
 from defend.models.scoring import ResponseScores
 from defend.objectives.base import Objective, TrainingContext, register
 from defend.objectives.divergence import agreement, entropy
+from defend.seeds import PCR_PATCHES, derive_seed
 
 
 @dataclass
@@ -61,7 +62,7 @@ class PatchCrossView(Objective):
         if self.cfg.patch_size < 1:
             raise ConfigError(f"objective.pcr.patch_size must be >= 1, got {self.cfg.patch_size}.")
         # each rank perturbs its own images differently
-        self.generators = {"patches": torch.Generator().manual_seed(ctx.cfg.seed * 1000 + 4 + rank())}
+        self.generators = {"patches": torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, PCR_PATCHES, rank()))}
 
     def add_views(self, batch: dict[str, Any]) -> dict[str, Any]:
         if not batch["image_rows"].any():

@@ -24,6 +24,7 @@ from defend.data.loaders import row_sample
 from defend.data.samples import DataError, Sample
 from defend.data.writing import sha256_file
 from defend.engine.memory import explain_out_of_memory
+from defend.seeds import derive_seed
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,9 @@ def purify_block(cfg: Config, path: Path, block: Block, vlm, generate, out: Path
     good, bad = read_block(cfg, path, block)
     collate = vlm.generate_collator()
     answers: list[str] = []
-    torch.manual_seed(cfg.purify.seed * 1_000_003 + block.index)  # same draws whichever actor runs it, whenever
-    generate.generator.manual_seed(cfg.purify.seed * 1_000_003 + block.index)
+    seed = derive_seed(cfg.purify.seed, block.index)  # the same draws whichever actor runs it, whenever
+    torch.manual_seed(seed)
+    generate.generator.manual_seed(seed)
     size = cfg.purify.batch_size
     knobs = {"purify.batch_size": size, "train.max_length (the prompt budget)": cfg.train.max_length}
     for i in range(0, len(good), size):

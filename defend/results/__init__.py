@@ -1,3 +1,3 @@
-"""The results recipes' library: cells run once per settings (``cells``), the stages a results cell
-runs (``stages``: poison, victim and defense fine-tunes, the disp chain, reference rows) and the
-tables and goals written from their rows (``table``)."""
+"""The results recipes' library: the stages a results cell runs (``stages``: poison, victim and defense
+fine-tunes, the disp chain, reference rows; each run once per settings by defend/stage_cache.py) and the
+tables, goals and plots written from their rows (``table``, ``plots``)."""

@@ -1,10 +1,9 @@
 """What one ``defense_results`` cell runs: each a chain of ordinary recipe runs, keyed on the settings
-those recipes read (the resolved configs, the poisoned data's hashes), so a rerun reuses finished cells
-and an edited YAML reruns exactly the cells that read it."""
+those recipes read (defend/stage_cache.py: the keys each recipe reads, the data and adapters they name
+by content), so a rerun reuses finished cells and an edited YAML reruns exactly the cells that read it."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -14,8 +13,8 @@ from pathlib import Path
 from defend.config import Config, load_config
 from defend.data.manifest import verify_data_folder
 from defend.metrics.intervals import PROPORTIONS
-from defend.results.cells import run_cell
 from defend.runner import run_recipe
+from defend.stage_cache import read_settings, run_once, settings_key, stage_settings
 
 # what a cell keeps of an evaluate run's metrics (those present), with the 95% intervals of the proportions
 KEPT = ("asr", "asr_clean", "vqa_accuracy", "bleu4", "cider", *(f"{m}_{end}" for m in PROPORTIONS for end in ("low", "high")),
@@ -37,23 +36,14 @@ class Victim:
         return [f"seed={self.seed}", f"model.family={self.family}", f"model.path={self.base}"]
 
 
-def resolved(config: str, overrides: list[str]) -> dict:
-    """A stage's settings as a cell keys them: the config file's contents with the overrides applied, so
-    editing the YAML (not only the overrides) makes the cell run again."""
-    return dataclasses.asdict(load_config(config, overrides))
+def poisoned_data(config: str, overrides: list[str], out: Path, log) -> str:
+    """The poison recipe's data folder for ``config`` + ``overrides``, made once per the settings it reads."""
+    def work(folder: Path) -> dict:
+        return run_recipe("poison", config, [*overrides, f"output_dir={folder}"])
 
-
-def poisoned_data(config: str, overrides: list[str], out: Path) -> str:
-    """The poison recipe's data folder for ``config`` + ``overrides``: reused when its manifest has the same
-    attack and data."""
-    wanted = load_config(config, overrides)
-    manifest = out / "data" / "manifest.json"
-    if manifest.is_file():
-        made = json.loads(manifest.read_text())
-        if made["attack"] == dataclasses.asdict(wanted.attack) and made["dataset"] == dataclasses.asdict(wanted.dataset):
-            verify_data_folder(out / "data", f"{config} (its poisoned data, reused)")  # every cell trusts it
-            return str(out / "data")
-    return run_recipe("poison", config, [*overrides, f"output_dir={out}"])["data_dir"]
+    made = run_once(out, stage_settings("poison", config, overrides), work, log)
+    verify_data_folder(Path(made["data_dir"]), f"{config} (its poisoned data)")  # every cell trusts it
+    return made["data_dir"]
 
 
 def clean_dataset(config: str, overrides: list[str], rows: int | None = None) -> list[str]:
@@ -69,11 +59,6 @@ def attack_facts(poison_dir: str) -> dict:
     """What a row says about its attack, from the poison recipe's manifest."""
     attack = json.loads((Path(poison_dir) / "manifest.json").read_text())["attack"]
     return {"trigger": attack["name"], "poison_ratio": attack["poison_ratio"], "target_type": attack["target"]["type"]}
-
-
-def data_hash(poison_dir: str) -> str:
-    files = json.loads((Path(poison_dir) / "manifest.json").read_text())["files"]  # every file's sha256, images too
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def timed_metrics(work: Callable[[Path], dict]) -> Callable[[Path], dict]:
@@ -126,10 +111,9 @@ class Stages:
         """Fine-tune on the poisoned set with the defense's overrides (none: the victim), then evaluate."""
         finetune = self.finetune(v, self.poisoned_train(v), defense)
         evaluate = self.evaluate(v)
-        settings = {"finetune": resolved(self.finetune_config(v.family), finetune),
-                    "evaluate": resolved(self.evaluate_config(v.family), evaluate), "poisoned_data": data_hash(v.poison_dir)}
-
-        return run_cell(folder, settings, timed_metrics(self.train_then_evaluate(v, finetune, evaluate)), log)
+        settings = {"finetune": stage_settings("finetune", self.finetune_config(v.family), finetune),
+                    "evaluate": stage_settings("evaluate", self.evaluate_config(v.family), evaluate)}
+        return run_once(folder, settings, timed_metrics(self.train_then_evaluate(v, finetune, evaluate)), log)
 
     def from_victim_cell(self, folder: Path, v: Victim, victim: Path, clean: list[str], defense: list[str], log) -> dict:
         """The undefended victim's adapter fine-tuned further on clean rows (``clean``: their dataset
@@ -137,11 +121,9 @@ class Stages:
         adapter = victim / "finetune" / "adapter"
         finetune = self.finetune(v, clean, [*defense, f"model.adapter={adapter}"])
         evaluate = self.evaluate(v)
-        settings = {"finetune": resolved(self.finetune_config(v.family), finetune),
-                    "evaluate": resolved(self.evaluate_config(v.family), evaluate),
-                    "victim": json.loads((victim / "cell.json").read_text())["settings"]}
-
-        return run_cell(folder, settings, timed_metrics(self.train_then_evaluate(v, finetune, evaluate)), log)
+        settings = {"finetune": stage_settings("finetune", self.finetune_config(v.family), finetune),
+                    "evaluate": stage_settings("evaluate", self.evaluate_config(v.family), evaluate)}
+        return run_once(folder, settings, timed_metrics(self.train_then_evaluate(v, finetune, evaluate)), log)
 
     def purified_cell(self, folder: Path, v: Victim, victim: Path, defense: list[str], log) -> dict:
         """The ``disp`` chain: purify the poisoned set with the victim, fine-tune the base on it (with the
@@ -153,47 +135,44 @@ class Stages:
                  f"disp.finetune_overrides={json.dumps([*self.cfg.demo.finetune_overrides.get(v.family, []), *self.overrides(v, 'finetune_overrides')])}",
                  f"disp.evaluate_overrides={json.dumps([*self.overrides(v, 'evaluate_overrides'), *r.eval_overrides])}",
                  *self.overrides(v, "evaluate_overrides"), *defense]  # purification generates as evaluation does
-        settings = {"disp": resolved(r.disp_config, chain), "victim": json.loads((victim / "cell.json").read_text())["settings"]}
+        chain_cfg = load_config(r.disp_config, chain)
+        settings = {"disp": read_settings("disp", chain_cfg)}
         # the victim's purification, shared by the defenses whose purify settings match (a folder per settings:
         # it goes with the victim when that is retrained, and a purify folder refuses other settings)
-        purify = {k: settings["disp"][k] for k in ("dataset", "purify", "diffusion", "eval")}
-        shared = victim / f"purified-{hashlib.sha256(json.dumps(purify, sort_keys=True).encode()).hexdigest()[:12]}"
+        shared = victim / f"purified-{settings_key(read_settings('purify', chain_cfg))}"
 
         def work(folder: Path) -> dict:
             return run_recipe("disp", r.disp_config, [*chain, f"disp.purify_dir={shared}", f"output_dir={folder}"])["evaluate"]
 
-        return run_cell(folder, settings, timed_metrics(work), log)
+        return run_once(folder, settings, timed_metrics(work), log)
 
     def base_cell(self, folder: Path, v: Victim, log) -> dict:
         """The pre-trained base, not fine-tuned, on the attack's test sets."""
         evaluate = self.evaluate(v)
-        settings = {"evaluate": resolved(self.evaluate_config(v.family), evaluate), "poisoned_data": data_hash(v.poison_dir)}
+        settings = {"evaluate": stage_settings("evaluate", self.evaluate_config(v.family), evaluate)}
 
         def work(folder: Path) -> dict:
             return run_recipe("evaluate", self.evaluate_config(v.family), [*evaluate, f"output_dir={folder / 'evaluate'}"])
 
-        return run_cell(folder, settings, timed_metrics(work), log)
+        return run_once(folder, settings, timed_metrics(work), log)
 
     def clean_cell(self, folder: Path, v: Victim, shared: Path, clean: list[str], log) -> dict:
         """The fine-tune on the unpoisoned training set (``clean``: its dataset overrides), on the attack's
         test sets. Trained once per settings into ``shared-<hash>``: attacks whose overrides leave the
         fine-tune alike share it."""
         finetune = self.finetune(v, clean, [])
-        settings = {"finetune": resolved(self.finetune_config(v.family), finetune)}
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-        trained = shared.with_name(f"{shared.name}-{digest}")
+        settings = {"finetune": stage_settings("finetune", self.finetune_config(v.family), finetune)}
+        trained = shared.with_name(f"{shared.name}-{settings_key(settings)}")
 
         def train(out: Path) -> dict:
             run_recipe("finetune", self.finetune_config(v.family), [*finetune, f"output_dir={out / 'finetune'}"])
             return {}
 
-        run_cell(trained, settings, train, log)
-        evaluate = self.evaluate(v)
-        settings = {"clean_finetune": settings, "evaluate": resolved(self.evaluate_config(v.family), evaluate),
-                    "poisoned_data": data_hash(v.poison_dir)}
+        run_once(trained, settings, train, log)
+        evaluate = [*self.evaluate(v), f"model.adapter={trained / 'finetune' / 'adapter'}"]
+        settings = {"evaluate": stage_settings("evaluate", self.evaluate_config(v.family), evaluate)}
 
         def work(folder: Path) -> dict:
-            return run_recipe("evaluate", self.evaluate_config(v.family),
-                              [*evaluate, f"model.adapter={trained / 'finetune' / 'adapter'}", f"output_dir={folder / 'evaluate'}"])
+            return run_recipe("evaluate", self.evaluate_config(v.family), [*evaluate, f"output_dir={folder / 'evaluate'}"])
 
-        return run_cell(folder, settings, timed_metrics(work), log)
+        return run_once(folder, settings, timed_metrics(work), log)

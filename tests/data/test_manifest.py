@@ -100,12 +100,16 @@ def test_a_truncated_test_set_and_an_extra_file_are_refused(data, tmp_path):
 
 
 def test_defense_results_refuses_to_reuse_a_changed_poison_folder(written, tmp_path):
+    import logging
+
     from defend.results.stages import poisoned_data
 
-    folder, config = written
-    out = tmp_path / "poison"
-    shutil.copytree(folder, out / "data")
-    assert poisoned_data(str(config), [], out) == str(out / "data")  # the same attack and data: reused
+    _, config = written
+    out, log = tmp_path / "poison", logging.getLogger("test")
+    made = poisoned_data(str(config), [], out, log)
+    stamp = (out / "cell.json").stat().st_mtime_ns
+    assert poisoned_data(str(config), [], out, log) == made == str(out / "data")  # the same settings: reused
+    assert (out / "cell.json").stat().st_mtime_ns == stamp
     (out / "data" / "test_triggered.jsonl").write_text("")
     with pytest.raises(ConfigError, match="'test_triggered.jsonl' has 0 bytes"):
-        poisoned_data(str(config), [], out)
+        poisoned_data(str(config), [], out, log)

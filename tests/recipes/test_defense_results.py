@@ -5,7 +5,8 @@ import statistics
 import pytest
 import yaml
 
-from defend.config import ConfigError, ResultsSubset, load_config
+from defend.config import ConfigError, load_config
+from defend.results.config import ResultsSubset
 from defend.metrics.intervals import wilson
 from recipes.defense_results import recipe_main
 from tests.recipes.test_demo import write_stage_configs

@@ -1,6 +1,7 @@
 """The mask-ratio x selection sweep: every point is the evaluate run it names, the unmasked model runs
 once, finished points are reused, and the table and plot are written."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -63,6 +64,34 @@ def test_each_point_is_the_masked_evaluate_run_and_the_unmasked_one_runs_once(ma
     stamp = (out / "saliency_0.5" / "cell.json").stat().st_mtime_ns
     assert sweep(cfg) == rows  # finished points are reused, not re-run
     assert (out / "saliency_0.5" / "cell.json").stat().st_mtime_ns == stamp
+
+
+def test_an_edited_evaluate_yaml_reruns_the_points_when_it_changes_what_they_read(make_cfg, poison_dir, adapter,
+                                                                                       tmp_path):
+    from defend.config import load_config
+    from recipes.disp_sweep import recipe_main as sweep
+
+    yaml_file = tmp_path / "my_evaluate.yaml"
+    yaml_file.write_text((Path(__file__).parents[2] / "recipes" / "configs" / "evaluate_tiny_mllm.yaml").read_text())
+    cfg = sweep_cfg(make_cfg, poison_dir, f"model.adapter={adapter}", f"sweep.evaluate_config={yaml_file}",
+                    "sweep.selections=[random]")
+    out = tmp_path / "run"
+
+    def stamps():
+        return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/cell.json")}
+
+    sweep(cfg)
+    first = stamps()
+    assert sorted(first) == ["random_0.5", "unmasked"]
+    yaml_file.write_text(yaml_file.read_text() + "slurm:\n  time: '09:00:00'\nheartbeat_s: 5\n")  # nothing evaluate reads
+    sweep(cfg)
+    assert stamps() == first
+    yaml_file.write_text(yaml_file.read_text().replace("eval:\n", "eval:\n  max_triggered_samples: 5\n"))  # read by every point
+    rows = sweep(cfg)
+    again = stamps()
+    assert again.keys() == first.keys() and all(again[k] != first[k] for k in first)  # in the file, not an override
+    assert load_config(str(out / "random_0.5" / "config.yaml")).eval.max_triggered_samples == 5
+    assert all(r["asr"] * 5 == round(r["asr"] * 5) for r in rows)  # measured on 5 triggered questions now
 
 
 def test_a_sweep_without_a_poison_folder_or_with_a_ratio_of_one_is_refused(make_cfg, poison_dir):
