@@ -91,7 +91,7 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     assert mtimes() == before
     # new attack settings: that attack is poisoned again and its cells rerun, the others are reused
     sig = tmp_path / "poison_sig.yaml"
-    sig.write_text(sig.read_text().replace("    amplitude: 100.0\n", "    amplitude: 30.0\n"))
+    sig.write_text(sig.read_text().replace("attack:\n", "attack:\n  sig:\n    amplitude: 30.0\n"))
     recipe_main(cfg)
     after = mtimes()
     assert {str(k) for k in after if after[k] != before[k]} == {f"sig/seed1/{d}" for d in defenses}
