@@ -322,6 +322,12 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
 def _unknown_key(key: str, where: str, cls: type | None = None) -> ConfigError:
     """``key`` is not in its section (``cls``): the closest field of that section, else of the whole schema."""
     prefix = key.rpartition(".")[0]
+    if not prefix and cls is Config:  # a component's section without its kind's: pcr.fraction
+        for section in (ObjectiveConfig, AttackConfig):
+            registry = component_registry(section)
+            if key in registry:
+                return ConfigError(f"{where}: unknown config key '{key}'. Did you mean '{registry.section}.{key}'"
+                                   f" (the settings of the {registry.kind} '{key}')?")
     siblings = [f"{prefix}.{f.name}" if prefix else f.name for f in dataclasses.fields(cls)] if cls else []
     close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6) or \
         difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from defend.atomic import write_json, write_text
-from defend.config import Config, ConfigError
+from defend.config import Config, ConfigError, load_config
 from defend.pretrained import pretrained_bases
 from defend.results.plots import asr_accuracy_plot
 from defend.results.stages import Stages, Victim, attack_facts, clean_dataset, poisoned_data
@@ -60,6 +60,30 @@ def check_settings(cfg: Config) -> None:
                         *((f"results.tasks.{t}.attacks", s.attacks or []) for t, s in r.tasks.items())):
         if unknown := set(named) - set(r.attacks):
             raise ConfigError(f"{name}: {sorted(unknown)} not in results.attacks {sorted(r.attacks)}.")
+    check_stage_overrides(cfg)
+
+
+def check_stage_overrides(cfg: Config) -> None:
+    """Every override list the run will pass a stage reads as that stage's config, before any cell runs
+    (a typo in one defense's overrides would otherwise stop the run hours in)."""
+    r, stages = cfg.results, Stages(cfg)
+    per_attack = {**{f"results.tasks.{t}": (s, s.attacks or list(r.attacks)) for t, s in r.tasks.items()},
+                  **{f"results.attack_overrides.{a}": (s, [a]) for a, s in r.attack_overrides.items()}}
+    lists = []
+    for family in r.families:
+        finetune, evaluate = stages.finetune_config(family), stages.evaluate_config(family)
+        lists += [(f"demo.finetune_overrides.{family}", finetune, cfg.demo.finetune_overrides.get(family, [])),
+                  ("results.eval_overrides", evaluate, r.eval_overrides)]
+        lists += [(f"results.defenses.{d}", r.disp_config if d in r.purified else finetune, o) for d, o in r.defenses.items()]
+        for where, (s, attacks) in per_attack.items():
+            lists += [(f"{where}.poison_overrides", r.attacks[a], s.poison_overrides) for a in attacks]
+            lists += [(f"{where}.finetune_overrides", finetune, s.finetune_overrides),
+                      (f"{where}.evaluate_overrides", evaluate, s.evaluate_overrides)]
+    for where, config, overrides in lists:
+        try:
+            load_config(config, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"{where} (with config {config}): {err}") from None
 
 
 def quick_view(cfg: Config) -> Config:

@@ -190,6 +190,19 @@ def test_results_need_the_undefended_baseline(tmp_path):
         recipe_main(cfg)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("results.defenses={none: [], pcr_paper: [objective.name=pcr, pcr.label_gate=0]}",
+     r"results\.defenses\.pcr_paper \(with config demo_finetune\): .*Did you mean 'objective\.pcr'"),
+    ("results.attack_overrides={badnets: {poison_overrides: [attack.badnets.sise=4]}}",
+     r"results\.attack_overrides\.badnets\.poison_overrides \(with config poison_badnets_easy_vqa\): .*'attack\.badnets\.size'"),
+])
+def test_a_typo_in_any_stage_override_is_refused_before_any_cell_runs(tmp_path, override, message):
+    cfg = load_config("defense_results", [override, f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=message):
+        recipe_main(cfg)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_the_report_says_the_vision_defenses_do_not_apply_to_a_text_trigger(tmp_path):
     from defend.results.table import results_markdown
 
