@@ -402,14 +402,9 @@ def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
-        key = f"{prefix}{name}"
         if name not in names:
-            raise _unknown_key(key, where, cls)
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value or {}, key + ".", where)
-        else:
-            kwargs[name] = _coerce(value, tp, key, where)
+            raise _unknown_key(f"{prefix}{name}", where, cls)
+        kwargs[name] = _field_value(hints[name], value, f"{prefix}{name}", where)
     for name in names - set(kwargs):  # a component section's default still holds its chosen component's settings
         if component_registry(hints[name]) is not None:
             kwargs[name] = _build(hints[name], {}, f"{prefix}{name}.", where)
@@ -450,8 +445,8 @@ def _component_config(registry: Any, name: str, key: str, where: str) -> type | 
 def _build_components(cls: type, registry: Any, data: dict, prefix: str, where: str) -> Any:
     """The section's own fields, plus one field per component it chooses (``name``) or configures: each
     read into that component's registered dataclass, so its keys are checked like any other."""
-    own = {f.name for f in dataclasses.fields(cls)}
-    section = _build_fields(cls, {k: v for k, v in data.items() if k in own}, prefix, where)
+    own, hints = {f.name for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
+    section = cls(**{k: _field_value(hints[k], v, f"{prefix}{k}", where) for k, v in data.items() if k in own})
     for name in _chosen(section):
         if name not in registry:
             raise ConfigError(f"{where}: '{prefix}name': {registry.unknown(name)}")
@@ -471,15 +466,9 @@ def _build_components(cls: type, registry: Any, data: dict, prefix: str, where: 
     return _section_with(cls, values, {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
 
 
-def _build_fields(cls: type, data: dict, prefix: str, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        key = f"{prefix}{name}"
-        kwargs[name] = _build(tp, value or {}, key + ".", where) if dataclasses.is_dataclass(tp) else \
-            _coerce(value, tp, key, where)
-    return cls(**kwargs)
+def _field_value(tp: Any, value: Any, key: str, where: str) -> Any:
+    """One field's value: a nested section built, anything else checked against its annotation."""
+    return _build(tp, value or {}, key + ".", where) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key, where)
 
 
 def _unknown_component_key(section: Any, registry: Any, key: str, where: str) -> ConfigError:
@@ -490,8 +479,8 @@ def _unknown_component_key(section: Any, registry: Any, key: str, where: str) ->
             return ConfigError(f"{where}: unknown config key '{key}': the {registry.kind} '{name}' reads its"
                                f" settings from {registry.section}.{name}.*: did you mean"
                                f" '{registry.section}.{name}.{leaf}'?")
-    return ConfigError(f"{where}: unknown config key '{key}': not a field of '{registry.section}' nor"
-                       f" {registry.unknown(leaf)}")
+    return ConfigError(f"{where}: unknown config key '{key}': neither a field of '{registry.section}' nor the"
+                       f" settings of a known {registry.kind} ({registry.unknown(leaf)})")
 
 
 _SECTION_CLASSES: dict[tuple, type] = {}
@@ -595,8 +584,8 @@ def load_config(name_or_path: str | None, overrides: list[str] | tuple[str, ...]
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    parsed = [(item, *_parse_override(item)) for item in overrides if item.split("=", 1)[0].strip() == "plugins"]
-    import_plugins([*(data.get("plugins") or []), *(v for _, _, v in parsed for v in (v or []))], where)
+    listed = [_parse_override(item)[1] for item in overrides if item.split("=", 1)[0].strip() == "plugins"]
+    import_plugins([*(data.get("plugins") or []), *(m for modules in listed for m in modules or [])], where)
     cfg = _build(Config, data, "", where)  # file errors first, with the file's name
     for item in overrides:
         key, value = _parse_override(item)

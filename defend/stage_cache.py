@@ -1,8 +1,10 @@
 """One stage cache: (recipe, config, overrides) -> the settings that recipe reads -> a folder run once.
 
 Every "was this already run with these settings?" of the library asks here: the demo's pre-trained bases,
-the cells of ``defense_results`` and the points of ``disp_sweep``, the poisoned data they share, a
-purification's shards. A stage's settings are:
+the cells of ``defense_results`` (its poisoned data, shared clean fine-tune and purification folder) and
+the points of ``disp_sweep``. Two caches stay their own: purify's shard check (per block, keyed on each
+block's input bytes, so fixing one row redoes only its block) and the tiny models (keyed on the
+builders' source). A stage's settings are:
 
 - the config keys its recipe reads (``READS = (...)`` in the recipe file: sections or dotted keys; an
   orchestration recipe that declares none reads all), never where or how it runs (``output_dir``,

@@ -79,7 +79,11 @@ def check_stage_overrides(cfg: Config) -> None:
             lists += [(f"{where}.poison_overrides", r.attacks[a], s.poison_overrides) for a in attacks]
             lists += [(f"{where}.finetune_overrides", finetune, s.finetune_overrides),
                       (f"{where}.evaluate_overrides", evaluate, s.evaluate_overrides)]
+    seen = set()
     for where, config, overrides in lists:
+        if (config, tuple(overrides)) in seen:  # the same list for both families, say
+            continue
+        seen.add((config, tuple(overrides)))
         try:
             load_config(config, overrides)
         except ConfigError as err:
