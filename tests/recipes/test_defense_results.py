@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from defend.config import ConfigError, load_config
-from defend.results.config import ResultsSubset
 from defend.metrics.intervals import wilson
+from defend.results.config import ResultsSubset
 from recipes.defense_results import recipe_main
 from tests.recipes.test_demo import write_stage_configs
 
