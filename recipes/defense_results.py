@@ -25,7 +25,8 @@ Writes into ``results.docs_dir`` (generated, never edited by hand; ``results.qui
 ``output_dir/quick`` instead): ``RESULTS.md``, ``results.json`` (one row per cell) and
 ``results_asr_vs_accuracy.png``. Every finished cell is kept in
 ``output_dir/<task>/<family>/<attack>/seed<k>/<defense>/cell.json``: a rerun with the same settings
-reuses it, so an interrupted run continues where it stopped.
+reuses it, so an interrupted run continues where it stopped. ``results.workers: N`` runs N cells at
+once, each in its own process (``defend/results/cells.py``: a cell waits for the cells it starts from).
 """
 from __future__ import annotations
 
@@ -36,14 +37,29 @@ from pathlib import Path
 from defend.atomic import write_json, write_text
 from defend.config import Config, ConfigError, load_config
 from defend.pretrained import pretrained_bases
+from defend.results.cells import run_cells, victim_cells
 from defend.results.plots import asr_accuracy_plot
-from defend.results.stages import Stages, Victim, attack_facts, clean_dataset, poisoned_data
-from defend.results.table import REFERENCES, add_gains, goal_checks, quality_metric, results_markdown
+from defend.results.stages import (
+    Stages,
+    Victim,
+    attack_facts,
+    clean_dataset,
+    poisoned_data,
+)
+from defend.results.table import (
+    REFERENCES,
+    add_gains,
+    goal_checks,
+    quality_metric,
+    results_markdown,
+)
 from defend.run_dir import start_run
 
 
 def check_settings(cfg: Config) -> None:
     r = cfg.results
+    if r.workers < 1:
+        raise ConfigError(f"results.workers: {r.workers}; give the number of cells to run at once (1 or more).")
     if "none" not in r.defenses:
         raise ConfigError("results.defenses: include 'none: []' (the undefended victim every defense is compared with).")
     for name, kinds in (("results.purified", r.purified), ("results.from_victim", r.from_victim)):
@@ -108,35 +124,15 @@ def quick_view(cfg: Config) -> Config:
     return dataclasses.replace(cfg, results=results, demo=demo)
 
 
-def victim_cells(cfg: Config, stages: Stages, v: Victim, cells: Path, clean: list[str], subset: list[str],
-                 first_seed: bool, log) -> dict[str, dict]:
-    """Every cell of one victim (task, family, attack, seed): the references (first seed), then each
-    defense, the undefended victim first (the other kinds start from it); defense -> metrics."""
-    r, out = cfg.results, Path(cfg.output_dir)
-    done = {}
-    if r.references and first_seed:
-        done["base"] = stages.base_cell(cells / "base", v, log)
-        done["clean"] = stages.clean_cell(cells / "clean", v, out / v.task / v.family / "clean_finetune", clean, log)
-    for defense in ["none", *(d for d in r.defenses if d != "none")]:
-        overrides = r.defenses[defense]
-        if defense in r.purified:
-            done[defense] = stages.purified_cell(cells / defense, v, cells / "none", overrides, log)
-        elif defense in r.from_victim:
-            done[defense] = stages.from_victim_cell(cells / defense, v, cells / "none", subset, overrides, log)
-        else:
-            done[defense] = stages.victim_cell(cells / defense, v, overrides, log)
-    return done
-
-
 def recipe_main(cfg: Config) -> list[dict]:
     cfg = quick_view(cfg) if cfg.results.quick else cfg
     check_settings(cfg)
     log = start_run(cfg, "defense_results")
-    r, stages = cfg.results, Stages(cfg)
+    r = cfg.results
     out, docs = Path(cfg.output_dir), Path(r.docs_dir)
     started = time.perf_counter()
     bases, _ = pretrained_bases(cfg, out / "pretrain", log, families=r.families)
-    rows = []
+    cells, facts = [], {}  # every cell of the run, in the report's order; its attack's facts
     for task, settings in r.tasks.items():
         for attack in settings.attacks or r.attacks:
             poison_config, seeds = r.attacks[attack], r.seeds.get(attack, [cfg.seed])
@@ -146,16 +142,20 @@ def recipe_main(cfg: Config) -> list[dict]:
             for seed in seeds:
                 poison = [*settings.poison_overrides, *attack_poison, f"attack.seed={seed}"]
                 poison_dir = poisoned_data(poison_config, poison, out / "poison" / task / attack / f"seed{seed}", log)
-                facts = attack_facts(poison_dir)
+                attack_said = attack_facts(poison_dir)
                 for family in r.families:
                     v = Victim(task, family, bases[family], attack, seed, poison_dir)
-                    done = victim_cells(cfg, stages, v, out / task / family / attack / f"seed{seed}", clean, subset,
-                                        seed == seeds[0], log)
-                    for defense, metrics in done.items():
-                        rows.append({"task": task, "family": family, "attack": attack, "seed": seed,
-                                     "defense": defense, **facts, **metrics})
-                        log.info("%s %s %s seed %d %s: %s", task, family, attack, seed, defense,
-                                 {k: round(metrics[k], 3) for k in ("asr", "asr_clean", quality_metric(task))})
+                    facts[v] = attack_said
+                    cells += victim_cells(cfg, v, out / task / family / attack / f"seed{seed}", clean, subset,
+                                          seed == seeds[0], cells)
+    done = run_cells(cfg, cells, log)
+    rows = []
+    for cell in cells:
+        v, metrics = cell.victim, done[cell.folder]
+        rows.append({"task": v.task, "family": v.family, "attack": v.attack, "seed": v.seed, "defense": cell.defense,
+                     **facts[v], **metrics})
+        log.info("%s %s %s seed %d %s: %s", v.task, v.family, v.attack, v.seed, cell.defense,
+                 {k: round(metrics[k], 3) for k in ("asr", "asr_clean", quality_metric(v.task))})
     add_gains(rows)
     checks = goal_checks(rows, cfg)
     report = results_markdown(rows, checks, cfg)

@@ -151,6 +151,20 @@ def test_seeds_draw_their_own_poison_a_defense_can_tune_the_victim_and_quick_run
     assert [(r["seed"], r["defense"]) for r in quick] == [(1, "base"), (1, "clean"), (1, "none")]
     assert "| badnets | 25% | none | 1 |" in (tmp_path / "run" / "quick" / "RESULTS.md").read_text()
     assert (docs / "RESULTS.md").stat().st_mtime == written and cells == {p: p.stat().st_mtime for p in cells}
+    # two cells at once, each in its own process, into a fresh output_dir: every cell trained again, the same
+    # numbers as one at a time (clean_tune started from its own victim's adapter, so it ran after it)
+    parallel = dataclasses.replace(cfg, output_dir=str(tmp_path / "parallel"), results=dataclasses.replace(
+        cfg.results, workers=2, docs_dir=str(tmp_path / "parallel_docs")))
+    def timeless(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert timeless(recipe_main(parallel)) == timeless(saved)
+    run = tmp_path / "parallel" / "vqa" / "mllm" / "badnets"
+    logs = sorted(str(p.relative_to(run)) for p in run.glob("*/*.log"))
+    assert logs == [f"seed{k}/{d}.log" for k in (1, 2) for d in (("base", "clean") if k == 1 else ()) + ("clean_tune", "none")]
+    assert "reusing" not in (run / "seed2" / "clean_tune.log").read_text()
+    tuned = yaml.safe_load((run / "seed2" / "clean_tune" / "finetune" / "config.yaml").read_text())
+    assert tuned["model"]["adapter"] == str(run / "seed2" / "none" / "finetune" / "adapter")
 
 
 def test_a_captioning_task_runs_beside_vqa_with_bleu4_and_cider(make_cfg, tmp_path):
@@ -195,6 +209,7 @@ def test_results_need_the_undefended_baseline(tmp_path):
      r"results\.defenses\.pcr_paper \(with config demo_finetune\): .*Did you mean 'objective\.pcr'"),
     ("results.attack_overrides={badnets: {poison_overrides: [attack.badnets.sise=4]}}",
      r"results\.attack_overrides\.badnets\.poison_overrides \(with config poison_badnets_easy_vqa\): .*'attack\.badnets\.size'"),
+    ("results.workers=0", r"results\.workers: 0; give the number of cells to run at once"),
 ])
 def test_a_typo_in_any_stage_override_is_refused_before_any_cell_runs(tmp_path, override, message):
     cfg = load_config("defense_results", [override, f"output_dir={tmp_path}"])
