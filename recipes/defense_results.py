@@ -25,8 +25,11 @@ Writes into ``results.docs_dir`` (generated, never edited by hand; ``results.qui
 ``output_dir/quick`` instead): ``RESULTS.md``, ``results.json`` (one row per cell) and
 ``results_asr_vs_accuracy.png``. Every finished cell is kept in
 ``output_dir/<task>/<family>/<attack>/seed<k>/<defense>/cell.json``: a rerun with the same settings
-reuses it, so an interrupted run continues where it stopped. ``results.workers: N`` runs N cells at
-once, each in its own process (``defend/results/cells.py``: a cell waits for the cells it starts from).
+reuses it, so an interrupted run continues where it stopped; ``results_cells.json`` beside the
+report (the ledger, ``defend/results/ledger.py``) keeps every finished cell's metrics, so a run spread
+over machines that do not keep ``output_dir`` goes on from the committed ledger. ``results.workers: N``
+runs N cells at once, each in its own process (``defend/results/cells.py``: a cell waits for the cells
+it starts from).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from defend.atomic import write_json, write_text
 from defend.config import Config, ConfigError, load_config
 from defend.pretrained import pretrained_bases
 from defend.results.cells import run_cells, victim_cells
+from defend.results.ledger import LEDGER, Ledger, cell_key, cells_to_run
 from defend.results.plots import asr_accuracy_plot
 from defend.results.stages import (
     Stages,
@@ -148,7 +152,14 @@ def recipe_main(cfg: Config) -> list[dict]:
                     facts[v] = attack_said
                     cells += victim_cells(cfg, v, out / task / family / attack / f"seed{seed}", clean, subset,
                                           seed == seeds[0], cells)
-    done = run_cells(cfg, cells, log)
+    # cells the ledger (docs_dir/results_cells.json, committed with the report) has from an earlier run
+    ledger = Ledger(docs / LEDGER)
+    keys = {c.folder: cell_key(cfg, c) for c in cells}
+    run = {c.folder for c in cells_to_run(cells, keys, ledger)}
+    known = {c.folder: ledger.metrics(keys[c.folder]) for c in cells if c.folder not in run}
+    done = run_cells(cfg, cells, log, known=known,
+                     on_done=lambda c, m: ledger.add(keys[c.folder], str(c.folder.relative_to(out)), m))
+    ledger.keep(set(keys.values()))
     rows = []
     for cell in cells:
         v, metrics = cell.victim, done[cell.folder]

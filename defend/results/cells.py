@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,28 +74,36 @@ def victim_cells(cfg: Config, v: Victim, folder: Path, clean: list[str], subset:
     return cells
 
 
-def run_cells(cfg: Config, cells: list[Cell], log) -> dict[Path, dict]:
-    """Every cell's metrics (folder -> metrics): ``results.workers`` at a time. A failed cell stops the run
-    (cells already finished are kept: a rerun reuses them)."""
-    workers = min(cfg.results.workers, len(cells)) or 1
-    started, done = time.perf_counter(), {}
+def run_cells(cfg: Config, cells: list[Cell], log, known: dict[Path, dict] | None = None,
+              on_done: Callable[[Cell, dict], None] | None = None) -> dict[Path, dict]:
+    """Every cell's metrics (folder -> metrics): ``known`` as given, the others run ``results.workers`` at a
+    time, ``on_done`` called as each finishes. A failed cell stops the run (cells already finished are kept:
+    a rerun reuses them)."""
+    done = dict(known or {})
+    todo = [c for c in cells if c.folder not in done]
+    workers = min(cfg.results.workers, len(todo)) or 1
+    started = time.perf_counter()
+    if done:
+        log.info("%d of %d cells already finished (the ledger)", len(done), len(cells))
 
     def finished(cell: Cell, metrics: dict) -> None:
         done[cell.folder] = metrics
+        if on_done:
+            on_done(cell, metrics)
         log.info("cell %d/%d done: %s (%.0f s into the run)", len(done), len(cells),
                  cell.folder.relative_to(Path(cfg.output_dir)), time.perf_counter() - started)
 
     if workers == 1:
         stages = Stages(cfg)
-        for cell in cells:
+        for cell in todo:
             finished(cell, cell.run(stages, log))
         return done
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, _cores() // workers))
     log.info("running %d cells, %d at a time (each in its own process, %s threads; its log beside its folder)",
-             len(cells), workers, threads)
+             len(todo), workers, threads)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch or Ray state inherited
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
-        waiting, running = list(cells), {}
+        waiting, running = list(todo), {}
         while waiting or running:
             for cell in [c for c in waiting if all(a in done for a in c.after)]:
                 waiting.remove(cell)

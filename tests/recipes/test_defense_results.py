@@ -1,10 +1,12 @@
 import dataclasses
 import json
+import shutil
 import statistics
 
 import pytest
 import yaml
 
+from defend.atomic import write_json
 from defend.config import ConfigError, load_config
 from defend.metrics.intervals import wilson
 from defend.results.config import ResultsSubset
@@ -103,6 +105,10 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
     assert {str(k) for k in edited if edited[k] != after[k]} == {"badnets/seed1/disp", "sig/seed1/disp"}
 
 
+def timeless(rows):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
 def test_seeds_draw_their_own_poison_a_defense_can_tune_the_victim_and_quick_runs_a_subset(make_cfg, tmp_path):
     stages = write_stage_configs(tmp_path)
     docs = tmp_path / "docs"
@@ -151,13 +157,20 @@ def test_seeds_draw_their_own_poison_a_defense_can_tune_the_victim_and_quick_run
     assert [(r["seed"], r["defense"]) for r in quick] == [(1, "base"), (1, "clean"), (1, "none")]
     assert "| badnets | 25% | none | 1 |" in (tmp_path / "run" / "quick" / "RESULTS.md").read_text()
     assert (docs / "RESULTS.md").stat().st_mtime == written and cells == {p: p.stat().st_mtime for p in cells}
+    # a fresh machine (output_dir gone, the docs' ledger kept): every cell from the ledger, nothing trained
+    shutil.rmtree(tmp_path / "run")
+    assert timeless(recipe_main(cfg)) == timeless(saved) and not (tmp_path / "run" / "vqa").exists()
+    # one cell the ledger lacks: it runs, and so does the victim whose adapter it starts from; same numbers
+    ledger = json.loads((docs / "results_cells.json").read_text())
+    assert len(ledger) == len(saved)
+    lost = next(k for k, e in ledger.items() if e["cell"] == "vqa/mllm/badnets/seed2/clean_tune")
+    write_json(docs / "results_cells.json", {k: e for k, e in ledger.items() if k != lost})
+    assert timeless(recipe_main(cfg)) == timeless(saved)
+    assert sorted(str(p.parent.relative_to(run)) for p in run.glob("*/*/cell.json")) == ["seed2/clean_tune", "seed2/none"]
     # two cells at once, each in its own process, into a fresh output_dir: every cell trained again, the same
     # numbers as one at a time (clean_tune started from its own victim's adapter, so it ran after it)
     parallel = dataclasses.replace(cfg, output_dir=str(tmp_path / "parallel"), results=dataclasses.replace(
         cfg.results, workers=2, docs_dir=str(tmp_path / "parallel_docs")))
-    def timeless(rows):
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
-
     assert timeless(recipe_main(parallel)) == timeless(saved)
     run = tmp_path / "parallel" / "vqa" / "mllm" / "badnets"
     logs = sorted(str(p.relative_to(run)) for p in run.glob("*/*.log"))

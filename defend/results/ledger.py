@@ -1,0 +1,72 @@
+"""The ledger: every finished results cell's metrics, kept beside the report (``results_cells.json`` in
+``results.docs_dir``) and committed with it, so a run spread over machines or sessions that do not
+keep ``output_dir`` goes on where the last one stopped.
+
+A cell's ``cell.json`` is keyed on the settings of the runs it made, with the adapters it read hashed
+by their bytes; on a fresh machine those adapters do not exist. The ledger keys a cell on what it is
+made from instead: its kind, defense and overrides, its victim (task, family, attack, seed), the
+base's cache key, the poisoned data's file hashes, the stage configs' YAML hashes and every override
+list the run passes its stages. Same inputs, same cell: the same trust ``cell.json`` puts in a rerun.
+A ledger cell whose outputs a cell still to run reads (the victim's adapter, for disp and clean_tune)
+is run again instead.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import defend
+from defend.atomic import write_json
+from defend.config import Config
+from defend.results.cells import Cell
+from defend.results.stages import Stages
+from defend.stage_cache import fingerprint, named_config, settings_key
+
+LEDGER = "results_cells.json"  # in results.docs_dir
+NEEDS_VICTIM = ("purified", "from_victim")  # kinds that read the undefended victim's adapter
+
+
+def cell_key(cfg: Config, cell: Cell) -> str:
+    """What ``cell`` is made from (see the module's docstring), as a short hash."""
+    r, stages, v = cfg.results, Stages(cfg), cell.victim
+    inputs = {
+        "version": defend.__version__, "kind": cell.kind, "defense": cell.defense, "overrides": list(cell.overrides),
+        "data": list(cell.data), "victim": [v.task, v.family, v.attack, v.seed], "base": Path(v.base).name,
+        "poison": fingerprint(v.poison_dir)["data"],  # a data folder (verified when it was made): its files' hashes
+        "finetune_config": named_config(stages.finetune_config(v.family)),
+        "evaluate_config": named_config(stages.evaluate_config(v.family)),
+        "family_overrides": cfg.demo.finetune_overrides.get(v.family, []), "eval_overrides": r.eval_overrides,
+        "stage_overrides": {s: stages.overrides(v, s) for s in ("finetune_overrides", "evaluate_overrides")},
+    }
+    if cell.kind == "purified":
+        inputs["disp_config"] = named_config(r.disp_config)
+    return settings_key(inputs)
+
+
+class Ledger:
+    """``path`` (a JSON object: cell key -> the cell's folder in the run and its metrics)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.cells = json.loads(path.read_text()) if path.is_file() else {}
+
+    def metrics(self, key: str) -> dict | None:
+        entry = self.cells.get(key)
+        return entry["metrics"] if entry else None
+
+    def add(self, key: str, folder: str, metrics: dict) -> None:
+        self.cells[key] = {"cell": folder, "metrics": metrics}
+        write_json(self.path, self.cells)  # atomic: a killed run leaves the ledger as it was
+
+    def keep(self, keys: set[str]) -> None:
+        """Forget the cells of other settings (at the end of a run, as its results.json does)."""
+        if set(self.cells) - keys:
+            self.cells = {k: v for k, v in self.cells.items() if k in keys}
+            write_json(self.path, self.cells)
+
+
+def cells_to_run(cells: list[Cell], keys: dict[Path, str], ledger: Ledger) -> list[Cell]:
+    """The cells the ledger cannot answer: those not in it, and the victims a cell among them starts from."""
+    missing = {c.folder for c in cells if ledger.metrics(keys[c.folder]) is None}
+    needed = {c.folder.parent / "none" for c in cells if c.folder in missing and c.kind in NEEDS_VICTIM}
+    return [c for c in cells if c.folder in missing | needed]
