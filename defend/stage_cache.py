@@ -115,13 +115,18 @@ def fingerprint(value: Any) -> Any:
         return {"path": value, "data": settings_key(files)}
     weights = sorted(folder.glob("adapter_model.*"))
     if weights:  # a LoRA adapter: small, hashed whole
-        digest = hashlib.sha256()
-        for w in weights:
-            with w.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-        return {"path": value, "adapter": digest.hexdigest()}
+        return {"path": value, "adapter": files_sha256(weights)}
     return value
+
+
+def files_sha256(paths: list[Path]) -> str:
+    """One sha256 over the bytes of ``paths``, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def run_once(folder: Path, settings: Any, work: Callable[[Path], dict], log) -> dict:

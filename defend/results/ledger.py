@@ -5,13 +5,16 @@ keep ``output_dir`` goes on where the last one stopped.
 A cell's ``cell.json`` is keyed on the settings of the runs it made, with the adapters it read hashed
 by their bytes; on a fresh machine those adapters do not exist. The ledger keys a cell on what it is
 made from instead: its kind, defense and overrides, its victim (task, family, attack, seed), the
-base's cache key, the poisoned data's file hashes, the stage configs' YAML hashes and every override
-list the run passes its stages. Same inputs, same cell: the same trust ``cell.json`` puts in a rerun.
+base's weights (their sha256: the same settings pre-trained on another thread count give another
+model, docs/demo.md), the poisoned data's file hashes, the stage configs' YAML hashes and every
+override list the run passes its stages. Same inputs, same cell: the same trust ``cell.json`` puts
+in a rerun.
 A ledger cell whose outputs a cell still to run reads (the victim's adapter, for disp and clean_tune)
 is run again instead.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -20,10 +23,16 @@ from defend.atomic import write_json
 from defend.config import Config
 from defend.results.cells import Cell
 from defend.results.stages import Stages
-from defend.stage_cache import fingerprint, named_config, settings_key
+from defend.stage_cache import files_sha256, fingerprint, named_config, settings_key
 
 LEDGER = "results_cells.json"  # in results.docs_dir
 NEEDS_VICTIM = ("purified", "from_victim")  # kinds that read the undefended victim's adapter
+
+
+@functools.cache
+def weights_digest(folder: Path) -> str:
+    """sha256 of a model folder's weight files (a tiny base: a few MB)."""
+    return files_sha256(sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin")))
 
 
 def cell_key(cfg: Config, cell: Cell) -> str:
@@ -31,7 +40,7 @@ def cell_key(cfg: Config, cell: Cell) -> str:
     r, stages, v = cfg.results, Stages(cfg), cell.victim
     inputs = {
         "version": defend.__version__, "kind": cell.kind, "defense": cell.defense, "overrides": list(cell.overrides),
-        "data": list(cell.data), "victim": [v.task, v.family, v.attack, v.seed], "base": Path(v.base).name,
+        "data": list(cell.data), "victim": [v.task, v.family, v.attack, v.seed], "base": weights_digest(Path(v.base)),
         "poison": fingerprint(v.poison_dir)["data"],  # a data folder (verified when it was made): its files' hashes
         "finetune_config": named_config(stages.finetune_config(v.family)),
         "evaluate_config": named_config(stages.evaluate_config(v.family)),
