@@ -34,6 +34,7 @@ class DemoConfig:
     evaluate_config: str = "demo_evaluate"
     # the attack of the backdoored fine-tune (a poison config); null: clean models only
     poison_config: str | None = "poison_badnets_easy_vqa"
+    poison_overrides: list[str] = field(default_factory=list)  # of the poison run, e.g. [attack.poison_ratio=0.1]
     goals: DemoGoals = field(default_factory=DemoGoals)
     reuse_pretrained: bool = True  # reuse a cached base pre-trained with the same settings
 

@@ -8,9 +8,10 @@ For each family in ``demo.families`` (autoregressive ``mllm``, masked-diffusion 
    the questions over that frozen encoder (``demo.pretrain_configs``); results are cached, keyed by
    the stages' settings, so a second run reuses them;
 2. LoRA-fine-tune the base on the easy-vqa train questions (``demo.finetune_config``: the
-   victim's recipe, adapters on language model and projector), and, when
-   ``demo.poison_config`` is set, a second time on the same questions with a poisoned 10%
-   (the ``poison`` recipe, run once for all families: BadNets by default);
+   victim's recipe, adapters on language model, projector and lm_head), and, when
+   ``demo.poison_config`` is set, a second time on the same questions with a poisoned share
+   (the ``poison`` recipe with ``demo.poison_overrides``, run once for all families: BadNets at 10%
+   in the shipped demo);
 3. evaluate the base on the full easy-vqa test split, and both fine-tuned models on it and on its
    triggered copy (``vqa_accuracy``, ``asr``, ``asr_clean``).
 Ends with a table per family and the demo's goals checked (``demo.goals``), also written to
@@ -77,7 +78,7 @@ def recipe_main(cfg: Config) -> dict:
     started = time.perf_counter()
     poison_dir = None
     if cfg.demo.poison_config:
-        poisoned = run_recipe("poison", cfg.demo.poison_config, [f"output_dir={out / 'poison'}"])
+        poisoned = run_recipe("poison", cfg.demo.poison_config, [*cfg.demo.poison_overrides, f"output_dir={out / 'poison'}"])
         poison_dir = poisoned["data_dir"]
     bases, pretrain_s = pretrained_bases(cfg, out / "pretrain", log)
     results = {}

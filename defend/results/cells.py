@@ -102,7 +102,9 @@ def run_cells(cfg: Config, cells: list[Cell], log, known: dict[Path, dict] | Non
     log.info("running %d cells, %d at a time (each in its own process, %s threads; its log beside its folder)",
              len(todo), workers, threads)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch or Ray state inherited
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(threads,)) as pool:
+    workers_log = Path(cfg.output_dir) / "workers.log"  # what the workers print outside a cell (C libraries' notes)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                             initargs=(threads, str(workers_log))) as pool:
         waiting, running = list(todo), {}
         while waiting or running:
             for cell in [c for c in waiting if all(a in done for a in c.after)]:
@@ -117,7 +119,7 @@ def run_cells(cfg: Config, cells: list[Cell], log, known: dict[Path, dict] | Non
                     metrics = future.result()
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
-                    log.error("cell %s failed; its log: %s", cell.folder, _log_path(cell))
+                    log.error("cell %s failed; its log: %s (and %s)", cell.folder, _log_path(cell), workers_log)
                     raise
                 finished(cell, metrics)
     return done
@@ -127,8 +129,12 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _start_worker(threads: str) -> None:
+def _start_worker(threads: str, log: str) -> None:
     os.environ["OMP_NUM_THREADS"] = threads  # before torch is imported in this process
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)  # e.g. DeepSpeed's op probe ("cannot find -laio") at import, Ray's C++ lines
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def _log_path(cell: Cell) -> Path:

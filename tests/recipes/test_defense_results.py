@@ -176,6 +176,7 @@ def test_seeds_draw_their_own_poison_a_defense_can_tune_the_victim_and_quick_run
     logs = sorted(str(p.relative_to(run)) for p in run.glob("*/*.log"))
     assert logs == [f"seed{k}/{d}.log" for k in (1, 2) for d in (("base", "clean") if k == 1 else ()) + ("clean_tune", "none")]
     assert "reusing" not in (run / "seed2" / "clean_tune.log").read_text()
+    assert (tmp_path / "parallel" / "workers.log").is_file()  # what the workers print outside a cell
     tuned = yaml.safe_load((run / "seed2" / "clean_tune" / "finetune" / "config.yaml").read_text())
     assert tuned["model"]["adapter"] == str(run / "seed2" / "none" / "finetune" / "adapter")
 

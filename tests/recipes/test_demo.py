@@ -35,14 +35,14 @@ def write_stage_configs(tmp_path):
 
 def test_demo_chains_the_stages_writes_the_table_and_reuses_the_cached_base(make_cfg, tmp_path):
     stage_overrides = write_stage_configs(tmp_path)
-    cfg = make_cfg("mllm", "demo.families=[mllm]", *stage_overrides)
+    cfg = make_cfg("mllm", "demo.families=[mllm]", *stage_overrides, "demo.poison_overrides=[attack.poison_ratio=0.5]")
     results = recipe_main(cfg)
     row = results["mllm"]
     assert "overall" in row["base"] and "overall" in row["finetuned"] and "overall" in row["backdoored"]
     assert {"asr", "asr_clean"} <= row["backdoored"].keys() and {"asr", "asr_clean"} <= row["finetuned"].keys()
     assert "asr" not in row["base"]  # the base is evaluated on the clean test split only
     manifest = json.loads((tmp_path / "run" / "poison" / "data" / "manifest.json").read_text())
-    assert manifest["counts"]["poisoned"] == 4
+    assert manifest["counts"]["poisoned"] == 8  # demo.poison_overrides: half of the 16, not the config's 25%
     trained_on = yaml.safe_load((tmp_path / "run" / "mllm" / "finetune_backdoored" / "config.yaml").read_text())
     assert trained_on["dataset"]["path"].endswith("poison/data/train.jsonl")
     assert set(row["checks"]) >= {"fine-tuned vqa_accuracy >= 0.85", "backdoored asr >= 0.9"}
