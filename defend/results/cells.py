@@ -98,7 +98,7 @@ def run_cells(cfg: Config, cells: list[Cell], log, known: dict[Path, dict] | Non
         for cell in todo:
             finished(cell, cell.run(stages, log))
         return done
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, _cores() // workers))
+    threads = _threads_per_worker(workers)
     log.info("running %d cells, %d at a time (each in its own process, %s threads; its log beside its folder)",
              len(todo), workers, threads)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch or Ray state inherited
@@ -125,8 +125,12 @@ def run_cells(cfg: Config, cells: list[Cell], log, known: dict[Path, dict] | Non
     return done
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _threads_per_worker(workers: int) -> str:
+    """cores // workers, or fewer where OMP_NUM_THREADS says so (a run's own thread count is the ceiling)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = max(1, cores // workers)
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    return str(min(share, int(given)) if given.isdigit() and int(given) > 0 else share)
 
 
 def _start_worker(threads: str, log: str) -> None:

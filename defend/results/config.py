@@ -99,9 +99,9 @@ class ResultsConfig:
     # checked; names not in ``defenses`` are ignored)
     goals: dict[str, ResultsGoals] = field(default_factory=_default_goals)
     victim_goals: ResultsVictimGoals = field(default_factory=ResultsVictimGoals)
-    # cells run at once, each in its own process (its log beside its folder); with OMP_NUM_THREADS unset each
-    # gets cores // workers threads. A tiny model's fine-tune runs 1.4x faster on two threads than on one,
-    # so on a CPU box workers = cores runs the table fastest
+    # cells run at once, each in its own process (its log beside its folder) with cores // workers threads
+    # (fewer if OMP_NUM_THREADS is lower). A tiny model's fine-tune runs 1.4x faster on two threads than on
+    # one, so on a CPU box workers = cores runs the table fastest
     workers: int = 1
     # a quick run of ``quick_subset`` only (one seed), written into output_dir/quick, docs untouched
     quick: bool = False

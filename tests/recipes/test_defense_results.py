@@ -272,3 +272,15 @@ def test_gain_kept_is_the_share_of_the_clean_fine_tunes_gain_over_the_base():
     same = [{**row, "defense": d, "vqa_accuracy": 0.6} for d in ("base", "clean", "none")]
     add_gains(same)
     assert same[2]["gain_kept"] is None  # no gain to keep a share of
+
+
+def test_each_worker_gets_its_share_of_the_cores_never_more_than_omp_num_threads(monkeypatch):
+    from defend.results.cells import _threads_per_worker
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [_threads_per_worker(n) for n in (1, 4, 16, 32)] == ["16", "4", "1", "1"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")  # e.g. `make results`: the run's own count, not each worker's
+    assert _threads_per_worker(4) == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the tests' setting: a ceiling
+    assert _threads_per_worker(4) == "1"
