@@ -167,7 +167,7 @@ def recipe_main(cfg: Config) -> list[dict]:
                      **facts[v], **metrics})
         log.info("%s %s %s seed %d %s: %s", v.task, v.family, v.attack, v.seed, cell.defense,
                  {k: round(metrics[k], 3) for k in ("asr", "asr_clean", quality_metric(v.task))})
-    add_gains(rows)
+    add_gains(rows, r.victim_goals.min_clean_gain)
     checks = goal_checks(rows, cfg)
     report = results_markdown(rows, checks, cfg)
     log.info("%d cells in %.0f s", len(rows), time.perf_counter() - started)

@@ -34,15 +34,18 @@ def references(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     return found
 
 
-def add_gains(rows: list[dict]) -> None:
-    """``gain_kept`` on every fine-tuned row of a (task, family, attack) that has both references."""
+def add_gains(rows: list[dict], min_gain: float = 0.0) -> None:
+    """``gain_kept`` on every fine-tuned row of a (task, family, attack) that has both references; None
+    where the clean fine-tune gained less than ``min_gain`` over the base (a share of a gain within the
+    noise says nothing: on VQA the clean fine-tune gains -0.001, and a defense "kept 2.50" of it)."""
     refs = references(rows)
     for r in rows:
         q, mine = quality_metric(r["task"]), refs.get(victim_key(r), {})
         if r["defense"] in REFERENCES or not set(REFERENCES) <= set(mine):
             continue
         base, clean = mine["base"][q], mine["clean"][q]
-        r["gain_kept"] = round((r[q] - base) / (clean - base), 4) if clean != base else None
+        gained = clean - base > 0 and clean - base >= min_gain
+        r["gain_kept"] = round((r[q] - base) / (clean - base), 4) if gained else None
 
 
 def implanted(undefended: dict, min_asr: float) -> bool:
@@ -105,7 +108,8 @@ def results_markdown(rows: list[dict], checks: list[tuple[str, bool]], cfg: Conf
              " objective, disp fine-tunes the base on the set purified by the victim (disp+pcr: with PCR as the"
              " objective); defenses of `results.from_victim` tune the victim further on clean rows. `base` is the"
              " pre-trained base, `clean` the fine-tune on the unpoisoned set; `gain_kept` is the share of the clean"
-             " fine-tune's quality gain over the base that a row keeps. One seed: the value and its 95% Wilson"
+             " fine-tune's quality gain over the base that a row keeps (blank where that gain is under"
+             f" {cfg.results.victim_goals.min_clean_gain:g}: a share of noise). One seed: the value and its 95% Wilson"
              " interval (n in `results.json`); several seeds: mean ± sd and each seed's value.", "",
              "![ASR against clean quality](results_asr_vs_accuracy.png)", ""]
     for task in dict.fromkeys(r["task"] for r in rows):

@@ -272,6 +272,11 @@ def test_gain_kept_is_the_share_of_the_clean_fine_tunes_gain_over_the_base():
     same = [{**row, "defense": d, "vqa_accuracy": 0.6} for d in ("base", "clean", "none")]
     add_gains(same)
     assert same[2]["gain_kept"] is None  # no gain to keep a share of
+    small = [{**row, "defense": d, "vqa_accuracy": q} for d, q in (("base", 0.5), ("clean", 0.55), ("pcr", 0.625))]
+    add_gains(small, min_gain=0.1)
+    assert small[2]["gain_kept"] is None  # a gain under the victims' goal: its share would be noise (here 2.5)
+    add_gains(small, min_gain=0.05)
+    assert small[2]["gain_kept"] == 2.5
 
 
 def test_each_worker_gets_its_share_of_the_cores_never_more_than_omp_num_threads(monkeypatch):
