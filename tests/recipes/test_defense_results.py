@@ -50,9 +50,10 @@ def test_results_cover_every_attack_and_defense_and_a_rerun_reuses_finished_cell
         cell = json.loads((run / row["attack"] / f"seed{row['seed']}" / row["defense"] / "cell.json").read_text())
         assert cell["metrics"]["asr"] == row["asr"]
         base, clean = (next(r for r in saved if (r["attack"], r["defense"]) == (row["attack"], d)) for d in ("base", "clean"))
-        if gain and clean["vqa_accuracy"] != base["vqa_accuracy"]:  # the share of the clean fine-tune's gain kept
-            share = (row["vqa_accuracy"] - base["vqa_accuracy"]) / (clean["vqa_accuracy"] - base["vqa_accuracy"])
-            assert row["gain_kept"] == round(share, 4)
+        if gain:  # the share of the clean fine-tune's gain kept, where it gained at least the victims' goal
+            gained = clean["vqa_accuracy"] - base["vqa_accuracy"]
+            share = (row["vqa_accuracy"] - base["vqa_accuracy"]) / gained if gained >= 0.1 else None
+            assert row["gain_kept"] == (None if share is None else round(share, 4))
     # the references: the base unadapted, the clean fine-tune (trained once) on the unpoisoned rows
     evaluated = yaml.safe_load((run / "badnets" / "seed1" / "base" / "evaluate" / "config.yaml").read_text())
     assert evaluated["model"]["adapter"] is None
