@@ -43,20 +43,8 @@ from defend.pretrained import pretrained_bases
 from defend.results.cells import run_cells, victim_cells
 from defend.results.ledger import LEDGER, Ledger, cell_key, cells_to_run
 from defend.results.plots import asr_accuracy_plot
-from defend.results.stages import (
-    Stages,
-    Victim,
-    attack_facts,
-    clean_dataset,
-    poisoned_data,
-)
-from defend.results.table import (
-    REFERENCES,
-    add_gains,
-    goal_checks,
-    quality_metric,
-    results_markdown,
-)
+from defend.results.stages import Stages, Victim, attack_facts, clean_dataset, poisoned_data
+from defend.results.table import REFERENCES, add_gains, goal_checks, quality_metric, results_markdown
 from defend.run_dir import start_run
 
 
