@@ -41,7 +41,7 @@ from defend.atomic import write_json, write_text
 from defend.config import Config, ConfigError, load_config
 from defend.pretrained import pretrained_bases
 from defend.results.cells import run_cells, victim_cells
-from defend.results.ledger import LEDGER, Ledger, cell_key, cells_to_run
+from defend.results.ledger import LEDGER, Ledger, cell_keys, cells_to_run
 from defend.results.plots import asr_accuracy_plot
 from defend.results.stages import Stages, Victim, attack_facts, clean_dataset, poisoned_data
 from defend.results.table import REFERENCES, add_gains, goal_checks, quality_metric, results_markdown
@@ -142,7 +142,7 @@ def recipe_main(cfg: Config) -> list[dict]:
                                           seed == seeds[0], cells)
     # cells the ledger (docs_dir/results_cells.json, committed with the report) has from an earlier run
     ledger = Ledger(docs / LEDGER)
-    keys = {c.folder: cell_key(cfg, c) for c in cells}
+    keys = cell_keys(cfg, cells)
     run = {c.folder for c in cells_to_run(cells, keys, ledger)}
     known = {c.folder: ledger.metrics(keys[c.folder]) for c in cells if c.folder not in run}
     done = run_cells(cfg, cells, log, known=known,

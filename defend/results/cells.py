@@ -36,8 +36,13 @@ class Cell:
     data: tuple[str, ...] = ()  # clean / from_victim: the dataset overrides of the rows they train on
     after: tuple[Path, ...] = ()  # folders of the cells that must finish first
 
+    @property
+    def starts_from(self) -> Path | None:
+        """The undefended victim's folder, for the kinds that read its adapter (purified, from_victim)."""
+        return self.folder.parent / "none" if self.kind in ("purified", "from_victim") else None
+
     def run(self, stages: Stages, log) -> dict:
-        v, undefended = self.victim, self.folder.parent / "none"
+        v, undefended = self.victim, self.starts_from
         if self.kind == "base":
             return stages.base_cell(self.folder, v, log)
         if self.kind == "clean":

@@ -26,7 +26,6 @@ from defend.results.stages import Stages
 from defend.stage_cache import files_sha256, fingerprint, named_config, settings_key
 
 LEDGER = "results_cells.json"  # in results.docs_dir
-NEEDS_VICTIM = ("purified", "from_victim")  # kinds that read the undefended victim's adapter
 
 
 @functools.cache
@@ -35,13 +34,18 @@ def weights_digest(folder: Path) -> str:
     return files_sha256(sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin")))
 
 
-def cell_key(cfg: Config, cell: Cell) -> str:
-    """What ``cell`` is made from (see the module's docstring), as a short hash."""
-    r, stages, v = cfg.results, Stages(cfg), cell.victim
+def cell_keys(cfg: Config, cells: list[Cell]) -> dict[Path, str]:
+    """Each cell's folder -> what it is made from (see the module's docstring), as a short hash."""
+    stages, poison = Stages(cfg), functools.cache(lambda folder: fingerprint(folder)["data"])
+    return {c.folder: cell_key(cfg, stages, c, poison(c.victim.poison_dir)) for c in cells}
+
+
+def cell_key(cfg: Config, stages: Stages, cell: Cell, poison: str) -> str:
+    r, v = cfg.results, cell.victim
     inputs = {
         "version": defend.__version__, "kind": cell.kind, "defense": cell.defense, "overrides": list(cell.overrides),
         "data": list(cell.data), "victim": [v.task, v.family, v.attack, v.seed], "base": weights_digest(Path(v.base)),
-        "poison": fingerprint(v.poison_dir)["data"],  # a data folder (verified when it was made): its files' hashes
+        "poison": poison,  # the poisoned data folder's file hashes (verified when it was made)
         "finetune_config": named_config(stages.finetune_config(v.family)),
         "evaluate_config": named_config(stages.evaluate_config(v.family)),
         "family_overrides": cfg.demo.finetune_overrides.get(v.family, []), "eval_overrides": r.eval_overrides,
@@ -77,5 +81,5 @@ class Ledger:
 def cells_to_run(cells: list[Cell], keys: dict[Path, str], ledger: Ledger) -> list[Cell]:
     """The cells the ledger cannot answer: those not in it, and the victims a cell among them starts from."""
     missing = {c.folder for c in cells if ledger.metrics(keys[c.folder]) is None}
-    needed = {c.folder.parent / "none" for c in cells if c.folder in missing and c.kind in NEEDS_VICTIM}
+    needed = {c.starts_from for c in cells if c.folder in missing and c.starts_from}
     return [c for c in cells if c.folder in missing | needed]

@@ -43,9 +43,8 @@ def add_gains(rows: list[dict], min_gain: float = 0.0) -> None:
         q, mine = quality_metric(r["task"]), refs.get(victim_key(r), {})
         if r["defense"] in REFERENCES or not set(REFERENCES) <= set(mine):
             continue
-        base, clean = mine["base"][q], mine["clean"][q]
-        gained = clean - base > 0 and clean - base >= min_gain
-        r["gain_kept"] = round((r[q] - base) / (clean - base), 4) if gained else None
+        base, gain = mine["base"][q], mine["clean"][q] - mine["base"][q]
+        r["gain_kept"] = round((r[q] - base) / gain, 4) if gain > 0 and gain >= min_gain else None
 
 
 def implanted(undefended: dict, min_asr: float) -> bool:
