@@ -126,8 +126,8 @@ def test_the_offline_wandb_run_holds_every_logged_term(run_200):
 
 
 def test_an_evaluation_off_a_terminal_logs_a_heartbeat(tmp_path, defend_cache):
-    rc, output = defend_run("evaluate", "evaluate_tiny_mllm", "eval.max_samples=160", "eval.batch_size=2",
-                            "heartbeat_s=0.2", f"output_dir={tmp_path / 'eval'}", tmp=tmp_path)
+    rc, output = defend_run("evaluate", "evaluate_tiny_mllm", "eval.max_samples=160", "eval.batch_size=1",
+                            "heartbeat_s=0.05", f"output_dir={tmp_path / 'eval'}", tmp=tmp_path)
     text = output.decode()
     assert rc == 0, text[-3000:]
     assert "\r" not in text
