@@ -72,6 +72,17 @@ def test_log_every_below_one_is_refused(tmp_path):
         validate(tmp_path, "train.log_every=0")
 
 
+def test_bfloat16_on_a_cpu_that_emulates_it_warns_with_the_fix(tmp_path):
+    import torch
+
+    emulated = not torch.cuda.is_available() and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    warnings = validate(tmp_path, "model.dtype=bfloat16")
+    assert [w for w in warnings if "set model.dtype=float32" in w and "without bf16 instructions" in w] == (
+        warnings if emulated else [])
+    assert len(warnings) == emulated
+    assert validate(tmp_path, "model.dtype=float32") == []
+
+
 @pytest.mark.parametrize("overrides, named", [
     (["diffusion.prefix_lm=true"], r"diffusion\.prefix_lm: .*set diffusion\.sampler=dream"),
     (["diffusion.gen_length=12", "diffusion.block_length=8"], r"diffusion\.gen_length \(12\) must be a multiple of"
