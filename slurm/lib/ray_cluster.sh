@@ -15,6 +15,9 @@ ray_up() {
   base=$((20000 + (SLURM_JOB_ID % 400) * 100))
   export RAY_ADDRESS="$(node_addr "$head"):$base" RAY_JOB_API="http://127.0.0.1:$((base + 1))"
   export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token} RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
+  if [[ $RAY_AUTH_MODE == token ]]; then  # `ray start` makes no token (Ray 2.60): one in ~/.ray/auth_token if none is set
+    "$PYTHON" -m ray.scripts.scripts get-auth-token --generate >/dev/null  # (it prints the token: kept out of the log)
+  fi
   RAY_STEP_PIDS=()
   RAY_TMP=${RAY_TMPDIR:-/tmp/ray-$SLURM_JOB_ID}  # the head's logs and sockets, kept for debugging
   trap ray_down EXIT
