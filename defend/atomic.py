@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -95,6 +96,20 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def open_up_tree(root: Path) -> None:
+    """Every file under ``root`` and every folder below it with an ordinary file's or folder's
+    permissions under the umask: libraries write some private (safetensors 0.8's ``save_file``
+    creates its weights 0600), and a group sharing the output could not read them."""
+    mask = current_umask()
+    for folder, folders, files in os.walk(root):
+        for name in folders:
+            os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+        for name in files:
+            file = os.path.join(folder, name)
+            executable = os.stat(file).st_mode & stat.S_IXUSR
+            os.chmod(file, (0o777 if executable else 0o666) & ~mask)
+
+
 def fsync_tree(root: Path) -> None:
     """Every file under ``root`` and every folder, bottom up."""
     for folder, _, files in os.walk(root, topdown=False):
@@ -132,6 +147,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~current_umask())
     try:
         yield tmp
+        open_up_tree(tmp)
         fsync_tree(tmp)
         if path.exists() and exchange(tmp, path):
             pass  # tmp now holds the old folder, removed below

@@ -3,6 +3,8 @@ import os
 import stat
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from defend.atomic import atomic_dir, exchange, write_json, write_text
 
@@ -23,8 +25,11 @@ def test_outputs_honour_the_umask_not_the_temp_files_privacy(tmp_path, umask_022
     write_json(tmp_path / "b.json", {"k": 1})
     with atomic_dir(tmp_path / "folder") as tmp:
         (tmp / "inner.txt").write_text("y")
+        (tmp / "sub").mkdir(mode=0o700)
+        save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "model.safetensors"))  # safetensors 0.8: written 0600
     assert mode(tmp_path / "a.txt") == mode(tmp_path / "b.json") == 0o644
     assert mode(tmp_path / "folder") == 0o755 and mode(tmp_path / "folder" / "inner.txt") == 0o644
+    assert mode(tmp_path / "folder" / "sub") == 0o755 and mode(tmp_path / "folder" / "sub" / "model.safetensors") == 0o644
     os.umask(0o002)  # a group-shared project directory
     write_text(tmp_path / "c.txt", "z")
     assert mode(tmp_path / "c.txt") == 0o664
