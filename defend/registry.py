@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from defend.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Component:
@@ -41,8 +43,11 @@ class Registry:
 
     def register(self, name: str, *, config: type | None = None) -> Callable[[Any], Any]:
         def add(impl: Any) -> Any:
+            owner = self._modules.setdefault(name, impl.__module__)
+            if owner != impl.__module__:  # else one of the two would silently replace the other
+                raise ConfigError(f"{impl.__module__} registers the {self.kind} '{name}', which {owner} already"
+                                  f" names; give yours another name (known: {', '.join(self.names())}).")
             self._components[name] = Component(name, impl, config)
-            self._modules.setdefault(name, impl.__module__)
             return impl
 
         return add

@@ -77,3 +77,14 @@ def test_defend_validate_refuses_a_typo_in_under_two_seconds_without_loading_a_m
     assert re.search(message, done.stderr), done.stderr
     assert "/nonexistent/model" not in done.stderr
     assert elapsed < 2.0, f"{elapsed:.2f} s"
+
+
+def test_a_plugin_that_takes_a_name_already_registered_is_refused_naming_both(plugin_dir):
+    (plugin_dir / "my_pcr.py").write_text(PLUGIN.replace('"scaled"', '"pcr"'))  # a built-in's name
+    (plugin_dir / "scaled_again.py").write_text(PLUGIN)  # another plugin's name (scaled_objective's)
+    with pytest.raises(ConfigError, match=r"my_pcr registers the objective 'pcr', which defend\.objectives\.pcr"
+                                          r" already names; give yours another name"):
+        load_config(None, ["plugins=[my_pcr]", "objective.name=pcr"])
+    load_config(None, ["plugins=[scaled_objective]", "objective.name=scaled"])
+    with pytest.raises(ConfigError, match="scaled_again registers the objective 'scaled', which scaled_objective"):
+        load_config(None, ["plugins=[scaled_again]", "objective.name=scaled"])
