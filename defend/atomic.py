@@ -102,12 +102,11 @@ def open_up_tree(root: Path) -> None:
     creates its weights 0600), and a group sharing the output could not read them."""
     mask = current_umask()
     for folder, folders, files in os.walk(root):
-        for name in folders:
-            os.chmod(os.path.join(folder, name), 0o777 & ~mask)
-        for name in files:
-            file = os.path.join(folder, name)
-            executable = os.stat(file).st_mode & stat.S_IXUSR
-            os.chmod(file, (0o777 if executable else 0o666) & ~mask)
+        for path in (os.path.join(folder, name) for name in folders + files):
+            if os.path.islink(path):  # its target is not ours to change
+                continue
+            executable = os.path.isdir(path) or os.stat(path).st_mode & stat.S_IXUSR
+            os.chmod(path, (0o777 if executable else 0o666) & ~mask)
 
 
 def fsync_tree(root: Path) -> None:

@@ -27,9 +27,13 @@ def test_outputs_honour_the_umask_not_the_temp_files_privacy(tmp_path, umask_022
         (tmp / "inner.txt").write_text("y")
         (tmp / "sub").mkdir(mode=0o700)
         save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "model.safetensors"))  # safetensors 0.8: written 0600
+        (tmp / "elsewhere").symlink_to(outside := tmp_path / "outside.txt")
+        outside.write_text("not the folder's")
+        os.chmod(outside, 0o600)
     assert mode(tmp_path / "a.txt") == mode(tmp_path / "b.json") == 0o644
     assert mode(tmp_path / "folder") == 0o755 and mode(tmp_path / "folder" / "inner.txt") == 0o644
     assert mode(tmp_path / "folder" / "sub") == 0o755 and mode(tmp_path / "folder" / "sub" / "model.safetensors") == 0o644
+    assert mode(tmp_path / "outside.txt") == 0o600  # a link's target is left as it is
     os.umask(0o002)  # a group-shared project directory
     write_text(tmp_path / "c.txt", "z")
     assert mode(tmp_path / "c.txt") == 0o664
