@@ -96,28 +96,24 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def open_up_tree(root: Path) -> None:
-    """Every file under ``root`` and every folder below it with an ordinary file's or folder's
-    permissions under the umask: libraries write some private (safetensors 0.8's ``save_file``
-    creates its weights 0600), and a group sharing the output could not read them."""
+def settle_tree(root: Path) -> None:
+    """Every file and folder under ``root`` (``root`` too) made durable, bottom up, with an ordinary
+    file's or folder's permissions under the umask: libraries write some private (safetensors 0.8's
+    ``save_file`` creates its weights 0600), and a group sharing the output could not read them. A
+    link is fsynced through, its target's mode left alone (not the folder's to change)."""
     mask = current_umask()
-    for folder, folders, files in os.walk(root):
-        for path in (os.path.join(folder, name) for name in folders + files):
-            if os.path.islink(path):  # its target is not ours to change
-                continue
-            executable = os.path.isdir(path) or os.stat(path).st_mode & stat.S_IXUSR
-            os.chmod(path, (0o777 if executable else 0o666) & ~mask)
-
-
-def fsync_tree(root: Path) -> None:
-    """Every file under ``root`` and every folder, bottom up."""
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            path = os.path.join(folder, name)
+            fd = os.open(path, os.O_RDONLY)
             try:
+                if not os.path.islink(path):
+                    executable = os.fstat(fd).st_mode & stat.S_IXUSR
+                    os.fchmod(fd, (0o777 if executable else 0o666) & ~mask)
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        os.chmod(folder, 0o777 & ~mask)
         fsync_dir(folder)
 
 
@@ -143,11 +139,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     clear_leftovers(path.parent)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         yield tmp
-        open_up_tree(tmp)
-        fsync_tree(tmp)
+        settle_tree(tmp)
         if path.exists() and exchange(tmp, path):
             pass  # tmp now holds the old folder, removed below
         else:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from defend.atomic import fsync_dir, fsync_tree, write_json
+from defend.atomic import fsync_dir, settle_tree, write_json
 from defend.config import Config, ConfigError
 from defend.engine.distributed import barrier, rank, world_size
 
@@ -116,7 +116,7 @@ class Checkpointer:
         if rank() == 0:
             write_json(partial / STATE_FILE, {"step": step, "consumed_samples_per_rank": step * self.samples_per_step,
                                               "samples_per_step": self.samples_per_step, "world_size": world_size()})
-            fsync_tree(partial)
+            settle_tree(partial)
             if folder.exists():  # this step saved before, by a run being redone
                 shutil.rmtree(folder)
             os.replace(partial, folder)

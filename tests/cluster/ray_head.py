@@ -155,7 +155,7 @@ def start_ray_head_once(env: dict[str, str], num_cpus: int, timeout: float) -> R
     # a one-node head stays on loopback: Ray otherwise swaps 127.0.0.1 for the machine's own address
     env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     if env.get("RAY_AUTH_MODE") == "token":  # `ray start` (2.60) makes no token, ray.init does: one as ray_cluster.sh
-        subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+        subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, stdout=subprocess.DEVNULL)  # (the token)
     with open(temp_dir / "head.log", "w") as log:
         process = subprocess.Popen([*STOP_WITH_PARENT, *command], stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
