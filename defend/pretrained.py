@@ -34,6 +34,27 @@ def cached_stages(cfg: Config, name: str, stages: list[tuple[str, str, list[str]
     return cached, time.perf_counter() - started
 
 
+def vision_stages(cfg: Config) -> list[tuple[str, str, list[str]]]:
+    """The shared vision encoder's stage (``demo.vision_config``), or none."""
+    if not cfg.demo.vision_config:
+        return []
+    return [("pretrain_vision", cfg.demo.vision_config, [f"seed={cfg.seed}", f"tiny.arch={cfg.tiny.arch}"])]
+
+
+def family_stages(cfg: Config, family: str, encoder: Path | None) -> list[tuple[str, str, list[str]]]:
+    """``family``'s own language stages (``demo.pretrain_configs``), the first starting from ``encoder``."""
+    common = [f"seed={cfg.seed}", f"tiny.arch={cfg.tiny.arch}", f"model.family={family}"]
+    vision = [f"model.vision_tower_from={encoder}"] if encoder else []
+    return [("finetune", name.format(family=family), [*common, *(vision if n == 0 else [])])
+            for n, name in enumerate(cfg.demo.pretrain_configs)]
+
+
+def base_recipe_key(cfg: Config, family: str) -> str:
+    """What ``family``'s base is made from, the same on every machine: the settings of its whole chain of
+    stages (the encoder's stage in place of the cached encoder's path, which differs between machines)."""
+    return stage_key(*vision_stages(cfg), *family_stages(cfg, family, None))
+
+
 def pretrained_bases(cfg: Config, out: Path, log, families: list[str] | None = None) -> tuple[dict[str, Path], dict[str, float]]:
     """Each family's pre-trained base (``families``, default ``demo.families``): one vision encoder for
     all (``demo.vision_config``), then each family's own language stages (``demo.pretrain_configs``),
@@ -42,16 +63,11 @@ def pretrained_bases(cfg: Config, out: Path, log, families: list[str] | None = N
     if cfg.model.path and cfg.model.path != TINY_PATH:
         log.info("bases: %s as given (model.path), nothing to pre-train", cfg.model.path)
         return {family: Path(cfg.model.path) for family in families}, {}
-    seed = [f"seed={cfg.seed}", f"tiny.arch={cfg.tiny.arch}"]
-    vision: list[str] = []
-    seconds = {}
-    if cfg.demo.vision_config:
-        encoder, seconds["vision"] = cached_stages(cfg, "vision", [("pretrain_vision", cfg.demo.vision_config, seed)],
-                                                   out, log)
-        vision = [f"model.vision_tower_from={encoder}"]
+    encoder, seconds = None, {}
+    if stages := vision_stages(cfg):
+        encoder, seconds["vision"] = cached_stages(cfg, "vision", stages, out, log)
     bases = {}
     for family in families:
-        stages = [("finetune", name.format(family=family), [*seed, f"model.family={family}", *(vision if n == 0 else [])])
-                  for n, name in enumerate(cfg.demo.pretrain_configs)]
-        bases[family], seconds[family] = cached_stages(cfg, family, stages, out / family, log)
+        bases[family], seconds[family] = cached_stages(cfg, family, family_stages(cfg, family, encoder),
+                                                       out / family, log)
     return bases, seconds

@@ -26,8 +26,9 @@ Writes into ``results.docs_dir`` (generated, never edited by hand; ``results.qui
 ``results_asr_vs_accuracy.png``. Every finished cell is kept in
 ``output_dir/<task>/<family>/<attack>/seed<k>/<defense>/cell.json``: a rerun with the same settings
 reuses it, so an interrupted run continues where it stopped; ``results_cells.json`` beside the
-report (the ledger, ``defend/results/ledger.py``) keeps every finished cell's metrics, so a run spread
-over machines that do not keep ``output_dir`` goes on from the committed ledger. ``results.workers: N``
+report (the ledger, ``defend/results/ledger.py``) keeps every finished cell's metrics, and ``results_bases/``
+the pre-trained bases they were made from (``defend/results/bases.py``), so a run spread over machines
+that do not keep ``output_dir`` goes on from the committed ledger and bases. ``results.workers: N``
 runs N cells at once, each in its own process (``defend/results/cells.py``: a cell waits for the cells
 it starts from).
 """
@@ -39,7 +40,7 @@ from pathlib import Path
 
 from defend.atomic import write_json, write_text
 from defend.config import Config, ConfigError, load_config
-from defend.pretrained import pretrained_bases
+from defend.results.bases import bases_dir, results_bases
 from defend.results.cells import run_cells, victim_cells
 from defend.results.ledger import LEDGER, Ledger, cell_keys, cells_to_run
 from defend.results.plots import asr_accuracy_plot
@@ -110,7 +111,8 @@ def quick_view(cfg: Config) -> Config:
     results = dataclasses.replace(
         r, families=q.families, attacks={a: r.attacks[a] for a in q.attacks}, tasks=tasks,
         attack_overrides={a: o for a, o in r.attack_overrides.items() if a in q.attacks},
-        defenses={d: r.defenses[d] for d in q.defenses}, seeds={}, docs_dir=str(Path(cfg.output_dir) / "quick"))
+        defenses={d: r.defenses[d] for d in q.defenses}, seeds={}, docs_dir=str(Path(cfg.output_dir) / "quick"),
+        bases_dir=str(bases_dir(cfg)))  # the full run's bases, so its finished cells are the quick run's too
     demo = dataclasses.replace(cfg.demo, finetune_overrides={f: o for f, o in cfg.demo.finetune_overrides.items()
                                                              if f in q.families})
     return dataclasses.replace(cfg, results=results, demo=demo)
@@ -123,7 +125,7 @@ def recipe_main(cfg: Config) -> list[dict]:
     r = cfg.results
     out, docs = Path(cfg.output_dir), Path(r.docs_dir)
     started = time.perf_counter()
-    bases, _ = pretrained_bases(cfg, out / "pretrain", log, families=r.families)
+    bases = results_bases(cfg, out / "pretrain", log)  # kept beside the report, so the ledger holds on any machine
     cells, facts = [], {}  # every cell of the run, in the report's order; its attack's facts
     for task, settings in r.tasks.items():
         for attack in settings.attacks or r.attacks:

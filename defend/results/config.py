@@ -95,6 +95,9 @@ class ResultsConfig:
     # overrides of every evaluation (e.g. a smaller test set)
     eval_overrides: list[str] = field(default_factory=list)
     docs_dir: str = "docs"  # RESULTS.md, results.json and the plot are written here
+    # the pre-trained bases every cell trains on, kept with the report (defend/results/bases.py);
+    # null: docs_dir/results_bases
+    bases_dir: str | None = None
     # defense name -> what it should reach on every attack (defenses not named are reported, not
     # checked; names not in ``defenses`` are ignored)
     goals: dict[str, ResultsGoals] = field(default_factory=_default_goals)

@@ -9,6 +9,7 @@ import yaml
 from defend.atomic import write_json
 from defend.config import ConfigError, load_config
 from defend.metrics.intervals import wilson
+from defend.pretrained import base_recipe_key
 from defend.results.config import ResultsSubset
 from recipes.defense_results import recipe_main
 from tests.recipes.test_demo import write_stage_configs
@@ -110,7 +111,8 @@ def timeless(rows):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
-def test_seeds_draw_their_own_poison_a_defense_can_tune_the_victim_and_quick_runs_a_subset(make_cfg, tmp_path):
+def test_seeds_draw_their_own_poison_a_defense_can_tune_the_victim_and_quick_runs_a_subset(make_cfg, tmp_path,
+                                                                                            monkeypatch):
     stages = write_stage_configs(tmp_path)
     docs = tmp_path / "docs"
     cfg = make_cfg("mllm", *stages, "seed=1", "results.families=[mllm]", "results.seeds={badnets: [1, 2]}",
@@ -158,9 +160,17 @@ def test_seeds_draw_their_own_poison_a_defense_can_tune_the_victim_and_quick_run
     assert [(r["seed"], r["defense"]) for r in quick] == [(1, "base"), (1, "clean"), (1, "none")]
     assert "| badnets | 25% | none | 1 |" in (tmp_path / "run" / "quick" / "RESULTS.md").read_text()
     assert (docs / "RESULTS.md").stat().st_mtime == written and cells == {p: p.stat().st_mtime for p in cells}
-    # a fresh machine (output_dir gone, the docs' ledger kept): every cell from the ledger, nothing trained
+    # every cell trained on the base kept beside the report, with what it was pre-trained from
+    assert victim["model"]["path"] == str(docs / "results_bases" / "mllm")
+    kept = json.loads((docs / "results_bases" / "mllm" / "base.json").read_text())
+    assert kept["recipe_key"] == base_recipe_key(cfg, "mllm") != base_recipe_key(dataclasses.replace(cfg, seed=2), "mllm")
+    # a fresh machine (output_dir and the pre-training cache gone, the docs' ledger and bases kept): every
+    # cell from the ledger, nothing pre-trained or trained
     shutil.rmtree(tmp_path / "run")
-    assert timeless(recipe_main(cfg)) == timeless(saved) and not (tmp_path / "run" / "vqa").exists()
+    with monkeypatch.context() as fresh:
+        fresh.setenv("DEFEND_CACHE", str(tmp_path / "fresh_cache"))
+        assert timeless(recipe_main(cfg)) == timeless(saved)
+    assert not (tmp_path / "run" / "vqa").exists() and not (tmp_path / "fresh_cache" / "pretrained").exists()
     # one cell the ledger lacks: it runs, and so does the victim whose adapter it starts from; same numbers
     ledger = json.loads((docs / "results_cells.json").read_text())
     assert len(ledger) == len(saved)
