@@ -40,6 +40,7 @@ from pathlib import Path
 
 from defend.atomic import write_json, write_text
 from defend.config import Config, ConfigError, load_config
+from defend.models.answer_room import check_poisoned_room
 from defend.results.bases import bases_dir, results_bases
 from defend.results.cells import run_cells, victim_cells
 from defend.results.ledger import LEDGER, Ledger, cell_keys, cells_to_run
@@ -142,6 +143,9 @@ def recipe_main(cfg: Config) -> list[dict]:
                     facts[v] = attack_said
                     cells += victim_cells(cfg, v, out / task / family / attack / f"seed{seed}", clean, subset,
                                           seed == seeds[0], cells)
+    stages = Stages(cfg)
+    for v in facts:  # every attack's target fits in its evaluation's answers, before any cell trains
+        check_poisoned_room(load_config(stages.evaluate_config(v.family), stages.evaluate(v)))
     # cells the ledger (docs_dir/results_cells.json, committed with the report) has from an earlier run
     ledger = Ledger(docs / LEDGER)
     keys = cell_keys(cfg, cells)

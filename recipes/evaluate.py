@@ -33,6 +33,7 @@ from defend.metrics.captioning import caption_scores
 from defend.metrics.intervals import intervals
 from defend.metrics.vqa import vqa_accuracy
 from defend.models import VisionLanguageModel, load_model
+from defend.models.answer_room import check_target_room
 from defend.progress import Progress
 from defend.purify.masking import MaskedGenerator
 from defend.run_dir import start_run
@@ -92,6 +93,8 @@ def recipe_main(cfg: Config) -> dict:
     vlm.model.eval()
     for samples in sets.values():
         vlm.generate_collator()(samples[: cfg.eval.batch_size])  # bad rows or lengths fail before any output
+    if target is not None:
+        check_target_room(cfg, vlm.tokenizer, [(s.id, s.response) for s in sets["triggered"]], target)
     log = start_run(cfg, "evaluate")
     started = time.perf_counter()
     generate = MaskedGenerator(vlm, cfg.purify) if cfg.purify.mask_ratio > 0 else None  # DiSP's masked inference

@@ -121,6 +121,16 @@ class VisionLanguageModel:
         """The tokens an answer ends at."""
         return {self.tokenizer.eos_token_id}
 
+    @staticmethod
+    def answer_room(cfg: Config) -> int:
+        """The most answer tokens one generation holds under ``cfg``."""
+        return cfg.eval.max_new_tokens
+
+    @staticmethod
+    def room_for(n: int) -> str:
+        """The settings under which one generation holds ``n`` answer tokens."""
+        return f"eval.max_new_tokens={n}"
+
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Text up to the first token that ends an answer, in each row."""
         ends = self.answer_end_ids()

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from defend.config import ConfigError
+from defend.config import Config, ConfigError
 from defend.data.collate import IGNORE_INDEX, Collator
 from defend.data.label_rules import label_rule
 from defend.models.archs.base import position_ids_for
@@ -44,6 +44,16 @@ class MaskedDiffusionVLM(VisionLanguageModel):
     def train_collator(self) -> Collator:
         return Collator(self.processor, self.cfg.train.max_length, with_response=True,
                         response_pad_to=self.cfg.diffusion.gen_length, label_rule=self.label_rule)
+
+    @staticmethod
+    def answer_room(cfg: Config) -> int:
+        """``gen_length`` masks, one of them for the end token the model was trained to put after the answer
+        (with fewer, the count of masks itself tells the model the answer is shorter than it is)."""
+        return cfg.diffusion.gen_length - 1
+
+    @staticmethod
+    def room_for(n: int) -> str:
+        return f"diffusion.gen_length={n + 1} (diffusion.steps and diffusion.block_length to fit it)"
 
     def answer_end_ids(self) -> set[int]:
         return {self.tokenizer.eos_token_id, self.label_rule.end}

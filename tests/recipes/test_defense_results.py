@@ -115,14 +115,20 @@ def test_seeds_draw_their_own_poison_a_defense_can_tune_the_victim_and_quick_run
                                                                                             monkeypatch):
     stages = write_stage_configs(tmp_path)
     docs = tmp_path / "docs"
-    cfg = make_cfg("mllm", *stages, "seed=1", "results.families=[mllm]", "results.seeds={badnets: [1, 2]}",
-                   f"results.attacks={{badnets: {tmp_path / 'poison_mllm.yaml'}, refuse: {tmp_path / 'poison_mllm.yaml'}}}",
-                   "results.attack_overrides={refuse: {poison_overrides: [attack.target.type=refuse,"
-                   " 'attack.target.text=sorry no'], evaluate_overrides: [eval.max_new_tokens=4]}}",
-                   "results.tasks={vqa: {attacks: [badnets]}, again: {attacks: [refuse]}}",
-                   "results.defenses={none: [], clean_tune: [train.max_steps=1]}", "results.from_victim=[clean_tune]",
-                   "results.clean_rows=8", "results.purified=[]", "results.eval_overrides=[eval.max_samples=4]",
-                   f"results.docs_dir={docs}")
+    refuse = "results.attack_overrides={{refuse: {{poison_overrides: [attack.target.type=refuse, 'attack.target.text=sorry no'],"\
+             " evaluate_overrides: [eval.max_new_tokens={}]}}}}"
+    settings = [*stages, "seed=1", "results.families=[mllm]", "results.seeds={badnets: [1, 2]}",
+                f"results.attacks={{badnets: {tmp_path / 'poison_mllm.yaml'}, refuse: {tmp_path / 'poison_mllm.yaml'}}}",
+                "results.tasks={vqa: {attacks: [badnets]}, again: {attacks: [refuse]}}",
+                "results.defenses={none: [], clean_tune: [train.max_steps=1]}", "results.from_victim=[clean_tune]",
+                "results.clean_rows=8", "results.purified=[]", "results.eval_overrides=[eval.max_samples=4]",
+                f"results.docs_dir={docs}"]
+    # a target response one generation cannot hold ("sorry no" in one token) is refused before any cell trains
+    with pytest.raises(ConfigError, match=r"'sorry no' .*again/refuse/seed1/data/test_triggered.jsonl.* is 2 tokens,"
+                                          r" but one generation holds 1.*eval.max_new_tokens=2"):
+        recipe_main(make_cfg("mllm", *settings, refuse.format(1)))
+    assert not (tmp_path / "run" / "vqa").exists() and not (tmp_path / "run" / "again").exists()
+    cfg = make_cfg("mllm", *settings, refuse.format(4))
     saved = recipe_main(cfg)
     assert [(r["task"], r["attack"], r["seed"], r["defense"]) for r in saved] == [
         *(("vqa", "badnets", 1, d) for d in ("base", "clean", "none", "clean_tune")),

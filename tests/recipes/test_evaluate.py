@@ -82,3 +82,27 @@ def test_max_triggered_samples_shortens_only_the_triggered_set(make_cfg, tmp_pat
     sets, _ = load_eval_sets(make_cfg("mllm", f"eval.poison_dir={poisoned['data_dir']}", "eval.max_triggered_samples=5"))
     assert len(sets["clean"]) == 12 and len(sets["triggered"]) == 5
     assert [s.id for s in sets["triggered"]] == [s.id for s in sets["clean"][:5]]
+
+
+def test_a_target_longer_than_one_generation_is_refused_before_evaluating(make_cfg, tmp_path):
+    import pytest
+
+    from defend.config import ConfigError
+    from recipes.evaluate import recipe_main as evaluate
+    from recipes.poison import recipe_main as poison
+
+    poisoned = poison(make_cfg("mllm", "dataset.max_samples=12", f"output_dir={tmp_path / 'poison'}",
+                               "attack.target.type=insert", "attack.target.position=start",
+                               "attack.target.text=i cannot see"))  # "i cannot see <answer>": 4 tokens
+    where = f"eval.poison_dir={poisoned['data_dir']}"
+    # two masks hold one answer token and its end token: "i cannot see red" would be read off "i"
+    with pytest.raises(ConfigError, match=r"'i cannot see \w+' .*row 'test-0'.* is 4 tokens, but one generation"
+                                          r" holds 1.*diffusion.gen_length=5"):
+        evaluate(make_cfg("mdlm", where, "diffusion.gen_length=2", "diffusion.block_length=2",
+                          f"output_dir={tmp_path / 'mdlm'}"))
+    with pytest.raises(ConfigError, match=r"is 4 tokens, but one generation holds 2.*eval.max_new_tokens=4"):
+        evaluate(make_cfg("mllm", where, "eval.max_new_tokens=2", f"output_dir={tmp_path / 'mllm'}"))
+    assert not (tmp_path / "mdlm").exists() and not (tmp_path / "mllm").exists()  # refused before any output
+    metrics = evaluate(make_cfg("mdlm", where, "diffusion.gen_length=5", "diffusion.block_length=5",
+                                "diffusion.steps=5", f"output_dir={tmp_path / 'fits'}"))
+    assert metrics["n_triggered"] == 12
