@@ -52,6 +52,9 @@ class TinyConfig:
     text_layers: int = 2
     heads: int = 4
     vocab_size: int = 1024  # at most: BPE stops when the corpus has no more merges (714 for the default)
+    # LLaVA layouts: the vision layer whose features the language model reads (LLaVA-1.5 reads -2, the
+    # penultimate: features a layer before the encoder's own pre-training objective shaped them last)
+    vision_feature_layer: int = -1
     tie_embeddings: bool = False  # share the input embedding and the output layer
 
 
@@ -186,6 +189,21 @@ class PretrainVisionConfig:
 
     hflip: bool = True  # random horizontal flips (turn off when left/right matters, e.g. text in images)
     min_word_count: int = 1  # words in fewer captions are not predicted
+    # each patch token also predicts its patch's pixels (a linear head, MSE on normalised pixels), weighted
+    # so: an encoder that keeps what it sees, not only the caption's words (0: off; docs/pcr.md)
+    reconstruct_weight: float = 0.0
+    # share of the images blended with a random texture (uniform noise of 1-8 px grain, drawn anew each
+    # time, at an alpha drawn up to texture_max_alpha): varied images, so that with reconstruction the
+    # encoder learns to describe textures the captions never name
+    texture_prob: float = 0.0
+    texture_max_alpha: float = 0.3
+
+    def __post_init__(self):
+        if self.reconstruct_weight < 0:
+            raise ConfigError(f"pretrain_vision.reconstruct_weight: {self.reconstruct_weight}; 0 (off) or more.")
+        for key in ("texture_prob", "texture_max_alpha"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"pretrain_vision.{key}: {getattr(self, key)}; a share between 0 and 1.")
 
 
 @dataclass

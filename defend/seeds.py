@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 # the parts that name a stream (the others, epoch, rank and block numbers, count within one)
-PRETRAIN_FLIPS, PCR_PATCHES, ABL_UNLEARN = 1, 4, 5
+PRETRAIN_FLIPS, PCR_PATCHES, ABL_UNLEARN, PRETRAIN_TEXTURES = 1, 4, 5, 6
 
 
 def derive_seed(seed: int, *parts: int) -> int:

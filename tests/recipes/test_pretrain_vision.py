@@ -121,3 +121,39 @@ def test_the_bag_of_words_head_starts_from_the_seed(make_cfg):
         heads.append(recipe.classifier.head.weight.detach().clone())
         recipe.cleanup()
     assert torch.equal(heads[0], heads[1])
+
+
+def test_textures_blend_a_share_of_the_images_within_their_alpha_the_same_for_the_same_seed():
+    from recipes.pretrain_vision import blend_textures
+
+    mean, std = torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.25)
+    values = torch.randn(8, 3, 16, 16)
+    same = blend_textures(values, mean, std, 0.0, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(same, values)
+    blended = blend_textures(values, mean, std, 1.0, 0.3, torch.Generator().manual_seed(0))
+    moved = ((blended - values) * std).abs()  # in raw pixel units: (1 - a) x + a t moves a pixel by a |t - x|
+    assert (moved.flatten(1).amax(1) > 0).all() and moved.max() <= 0.3 * (values * std + mean).abs().max().clamp(min=1)
+    assert torch.equal(blended, blend_textures(values, mean, std, 1.0, 0.3, torch.Generator().manual_seed(0)))
+
+
+def test_patch_pixels_are_in_the_vit_token_order():
+    from recipes.pretrain_vision import patch_pixels
+
+    image = torch.arange(4.0).reshape(1, 1, 2, 2).repeat_interleave(4, 2).repeat_interleave(4, 3).expand(1, 3, 8, 8)
+    patches = patch_pixels(image, 4)  # patch k of the 2x2 grid holds the value k, row by row
+    assert patches.shape == (1, 4, 48) and [p.unique().item() for p in patches[0]] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_pretrain_vision_with_reconstruction_and_textures_learns_to_redraw_its_patches(make_cfg):
+    from defend.data import load_samples
+    from recipes.pretrain_vision import patch_pixels
+
+    cfg = make_cfg("mllm", "dataset.name=easy_vqa_captions", "dataset.max_samples=32", "train.max_steps=150",
+                   "train.micro_batch_size=16", "train.lr=1e-2", "train.log_every=50",
+                   "pretrain_vision.reconstruct_weight=1.0", "pretrain_vision.texture_prob=0.5")
+    summary = pretrain_vision(cfg)
+    vlm = load_model(cfg)
+    images = vlm.arch.process_images(vlm.processor.image_processor, [s.load_image() for s in load_samples(cfg.dataset)])
+    silent = patch_pixels(images["pixel_values"], vlm.arch.config.vision_config.patch_size).pow(2).mean().item()
+    assert summary["reconstruction_mse"] < 0.5 * silent  # far better than drawing every patch as the mean
+    assert summary["bag_of_words_accuracy"] > 0.3

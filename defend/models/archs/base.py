@@ -87,6 +87,15 @@ class Architecture:
         """(N, pooled_size): one vector per image of the image processor's output ``pixels``."""
         return pooled_vit_features(tower, pixels["pixel_values"])
 
+    def patch_tokens(self, tower: torch.nn.Module, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, patches, hidden): the encoder's last hidden states at each image's patch tokens, in the
+        order of ``whole_images``' patches (pretrain_vision's pixel reconstruction reads them)."""
+        return vit_patch_tokens(tower, pixels["pixel_values"])
+
+    def whole_images(self, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, C, H, W): each image as the encoder sees it whole."""
+        return pixels["pixel_values"]
+
     def hflip(self, pixels: dict[str, torch.Tensor], flip: torch.Tensor) -> dict[str, torch.Tensor]:
         """``pixels`` with the images where ``flip`` (N,) is true mirrored left to right."""
         values = pixels["pixel_values"]
@@ -116,12 +125,23 @@ class AnyResArchitecture(Architecture):
     def pooled_image_features(self, tower: torch.nn.Module, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
         return pooled_vit_features(tower, self.whole_image(pixels))
 
+    def patch_tokens(self, tower: torch.nn.Module, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        return vit_patch_tokens(tower, self.whole_image(pixels))
+
+    def whole_images(self, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.whole_image(pixels)
+
     # hflip (inherited) mirrors every crop in place: exact for the whole-image view, which is what is pooled
 
 
 def pooled_vit_features(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Mean of the encoder's last hidden states over its patch tokens (a CLS token left out, as
-    LLaVA-style models drop it too): one vector per image."""
+    """Mean of the encoder's last hidden states over its patch tokens: one vector per image."""
+    return vit_patch_tokens(tower, pixel_values).mean(dim=1)
+
+
+def vit_patch_tokens(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The encoder's last hidden states at its patch tokens (a CLS token left out, as LLaVA-style models
+    drop it too), (N, patches, hidden)."""
     try:
         hidden = tower(pixel_values=pixel_values).last_hidden_state
     except TypeError as err:
@@ -133,4 +153,4 @@ def pooled_vit_features(tower: torch.nn.Module, pixel_values: torch.Tensor) -> t
     n_patches = (config.image_size // config.patch_size) ** 2 if hasattr(config, "patch_size") else None
     if n_patches is not None and hidden.shape[1] == n_patches + 1:
         hidden = hidden[:, 1:]
-    return hidden.mean(dim=1)
+    return hidden

@@ -21,9 +21,10 @@ def tiny_text_config(tiny: Any, family: str, tokenizer: Any, config_class: Any =
 def tiny_llava_config(config_class: Any, tiny: Any, family: str, tokenizer: Any, vision: Any,
                       text_class: Any = None, **layout: Any) -> Any:
     """A LLaVA-family config (``config_class``) of the tiny sizes: ``vision`` tower, tiny text model,
-    the last vision layer's features, the architecture's own ``layout`` settings."""
+    the features of vision layer ``tiny.vision_feature_layer``, the architecture's own ``layout`` settings."""
     return config_class(vision_config=vision, text_config=tiny_text_config(tiny, family, tokenizer, text_class),
-                        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
+                        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                        vision_feature_layer=tiny.vision_feature_layer,
                         **layout)
 
 

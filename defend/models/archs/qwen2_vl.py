@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from defend.errors import ConfigError
 from defend.models.archs.base import Architecture, ImagePerturbation
 from defend.models.image_only_processor import Qwen2VLImageOnlyProcessor
 from defend.models.tiny_components import special_token_ids, text_dims, tiny_tokenizer
@@ -84,6 +85,14 @@ class Qwen2VL(Architecture):
         merged = tower(pixels["pixel_values"], grid_thw=grids).pooler_output  # the merged tokens of all images
         counts = (grids.prod(-1) // self.config.vision_config.spatial_merge_size**2).tolist()
         return torch.stack([tokens.mean(0) for tokens in merged.split(counts)])
+
+    def patch_tokens(self, tower: torch.nn.Module, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise ConfigError(f"pretrain_vision.reconstruct_weight: {self.model_type}'s encoder merges 2x2 patches"
+                          " into one token, so no token is one patch to reconstruct; set it to 0.")
+
+    def whole_images(self, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise ConfigError(f"pretrain_vision.texture_prob and reconstruct_weight: {self.model_type} hands the encoder"
+                          " flattened patches, not images; set both to 0.")
 
     def hflip(self, pixels: dict[str, torch.Tensor], flip: torch.Tensor) -> dict[str, torch.Tensor]:
         flipped = self.per_image(pixels["pixel_values"], pixels["image_grid_thw"], flip.tolist(),
