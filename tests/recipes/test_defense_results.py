@@ -208,7 +208,8 @@ def test_a_captioning_task_runs_beside_vqa_with_bleu4_and_cider(make_cfg, tmp_pa
                    "results.purified=[]", "results.eval_overrides=[eval.max_samples=4]",
                    "results.tasks={caption: {poison_overrides: [dataset.name=easy_vqa_scenes, attack.target.type=insert,"
                    " attack.target.position=start],"
-                   " evaluate_overrides: [eval.task=caption, eval.max_new_tokens=4]}}", f"results.docs_dir={docs}")
+                   " evaluate_overrides: [eval.task=caption, eval.max_new_tokens=16]}}",  # a caption + target: <= 15 tokens
+                   f"results.docs_dir={docs}")
     rows = recipe_main(cfg)
     assert [(r["task"], r["defense"]) for r in rows] == [("caption", d) for d in ("base", "clean", "none")]
     for row in rows:
