@@ -98,10 +98,9 @@ class PretrainVisionRecipe:
         self.vlm = load_model(cfg)
         tower = find_vision_tower(self.vlm.model)
         pv = cfg.pretrain_vision
-        self.patch = self.vlm.arch.config.vision_config.patch_size
+        self.patch = self.vlm.arch.config.vision_config.patch_size if pv.reconstruct_weight else 0
         seed_everything(cfg.seed)  # the heads' random init (start_run seeds again, after the input checks)
-        self.classifier = BagOfWordsClassifier(tower, self.vlm.arch, len(self.vocab),
-                                               3 * self.patch ** 2 if pv.reconstruct_weight else 0)
+        self.classifier = BagOfWordsClassifier(tower, self.vlm.arch, len(self.vocab), 3 * self.patch ** 2)
         first = self.collate(self.samples[: cfg.train.micro_batch_size])  # bad images fail before any output
         if pv.reconstruct_weight or pv.texture_prob:
             self.vlm.arch.whole_images(first["pixels"])  # an architecture without whole images says so here
@@ -115,7 +114,8 @@ class PretrainVisionRecipe:
         self.textures = torch.Generator().manual_seed(derive_seed(cfg.seed, PRETRAIN_TEXTURES))
         self.total_steps = total_steps(cfg.train, len(self.samples))
         self.engine = build_engine(self.classifier, cfg, self.total_steps, ds_config)
-        self.checkpoints = Checkpointer.for_run(cfg, generators={"hflip": self.flips, "textures": self.textures})
+        generators = {"hflip": self.flips, **({"textures": self.textures} if pv.texture_prob else {})}
+        self.checkpoints = Checkpointer.for_run(cfg, generators=generators)
         self.start_step = self.checkpoints.restore(self.engine, cfg.train.resume)  # 0 on a fresh run
         self.loader = resumable_loader(self.samples, self.collate, cfg, self.start_step)
         self.correct: list[float] = []
