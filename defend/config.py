@@ -455,7 +455,7 @@ def _chosen(section: Any) -> list[str]:
 
 def _component_config(registry: Any, name: str, key: str, where: str) -> type | None:
     try:
-        return registry.get(name).config
+        return registry.config(name)
     except (KeyError, LookupError) as err:
         raise ConfigError(f"{where}: '{key}': {err.args[0]}") from None
 

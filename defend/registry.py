@@ -35,10 +35,13 @@ class Component:
 
 
 class Registry:
-    def __init__(self, kind: str, section: str, builtins: dict[str, str]):
+    def __init__(self, kind: str, section: str, builtins: dict[str, str], settings: dict[str, str] | None = None):
         self.kind = kind  # "objective": how messages name one
         self.section = section  # its config section ("objective"): settings are <section>.<name>.*
         self._modules = dict(builtins)  # name -> the module whose import registers it
+        # name -> "module:Class" of a built-in's settings in a lighter module than its own (no torch), so
+        # reading a config that names it imports only that
+        self._settings = dict(settings or {})
         self._components: dict[str, Component] = {}
 
     def register(self, name: str, *, config: type | None = None) -> Callable[[Any], Any]:
@@ -47,10 +50,24 @@ class Registry:
             if owner != impl.__module__:  # else one of the two would silently replace the other
                 raise ConfigError(f"{impl.__module__} registers the {self.kind} '{name}', which {owner} already"
                                   f" names; give yours another name (known: {', '.join(self.names())}).")
+            if name in self._settings and config is not self._settings_class(name):
+                raise ConfigError(f"{impl.__module__} registers the {self.kind} '{name}' with settings"
+                                  f" {getattr(config, '__name__', config)}, but its registry's table names"
+                                  f" {self._settings[name]}; register it with that class.")
             self._components[name] = Component(name, impl, config)
             return impl
 
         return add
+
+    def _settings_class(self, name: str) -> type:
+        module, cls = self._settings[name].split(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def config(self, name: str) -> type | None:
+        """The settings dataclass of ``name`` (None: it has none), importing as little as it can."""
+        if name not in self._components and name in self._settings:
+            return self._settings_class(name)
+        return self.get(name).config
 
     def names(self) -> list[str]:
         return sorted(set(self._modules) | set(self._components))

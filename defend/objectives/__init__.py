@@ -7,6 +7,9 @@ from defend.registry import Registry
 OBJECTIVES = Registry("objective", "objective", {
     "abl": "defend.objectives.abl",
     "pcr": "defend.objectives.pcr",
+}, settings={  # their settings apart, so reading a config does not import torch
+    "abl": "defend.objectives.settings:AblConfig",
+    "pcr": "defend.objectives.settings:PcrConfig",
 })
 
 _LAZY = {"Objective": "base", "TrainingContext": "base", "objective_names": "base", "register": "base",

@@ -10,7 +10,6 @@ samples drop out of the task loss, and every step adds a gradient-ascent term on
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,21 +18,10 @@ from defend.config import ConfigError
 from defend.engine.distributed import rank
 from defend.models.scoring import ResponseScores
 from defend.objectives.base import Objective, TrainingContext, register
+from defend.objectives.settings import AblConfig
 from defend.seeds import ABL_UNLEARN, derive_seed
 
 log = logging.getLogger("defend.objectives.abl")
-
-
-@dataclass
-class AblConfig:
-    """Anti-backdoor learning (Li et al. 2021) as an objective: isolate, then unlearn."""
-
-    isolation_steps: int = 50  # loss-guided split (LGA) until this step, then isolate
-    isolation_ratio: float = 0.01  # the lowest-loss fraction of the samples seen while isolating
-    gamma: float = 0.5  # LGA: samples whose loss is under gamma are pushed back up to it
-    unlearn_batch_size: int = 8  # isolated samples per step whose loss is ascended after isolation
-    unlearn_weight: float = 1.0
-    max_unlearn_loss: float = 5.0  # ascent on a sample stops once its loss is above this (bounded)
 
 
 @register("abl", config=AblConfig)

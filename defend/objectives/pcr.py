@@ -14,8 +14,7 @@ choice and default.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -25,29 +24,8 @@ from defend.engine.distributed import rank
 from defend.models.scoring import ResponseScores
 from defend.objectives.base import Objective, TrainingContext, register
 from defend.objectives.divergence import agreement, entropy
+from defend.objectives.settings import PcrConfig
 from defend.seeds import PCR_PATCHES, derive_seed
-
-
-@dataclass
-class PcrConfig:
-    """Patch-based cross-view regularization (docs/pcr.md has the formulas and the runs behind each default)."""
-
-    patch_size: int = 16  # in pixels of the processed image
-    fraction: float = 0.5  # of each image's patches perturbed in the second view
-    mode: Literal["shuffle", "mask", "noise"] = "shuffle"
-    noise_std: float = 1.0  # mode=noise: in the processor's normalised pixel units
-    divergence: Literal["js", "sym_kl"] = "js"
-    discrepancy_weight: float = 1.0  # of the bounded pull-apart term, in [0, weight]
-    entropy_weight: float = 0.1
-    # the perturbed view's entropy is raised up to this fraction of log(vocabulary), never beyond:
-    # a uniform perturbed view would starve the label gate (docs/pcr.md)
-    entropy_target: float = 0.5
-    detach_original: bool = True  # the pull-apart moves only the perturbed view's output
-    # task loss of each response token x (perturbed view's probability of the label) ** label_gate; 0: off
-    label_gate: float = 1.0
-    # a label ranked in the perturbed view's top k is not gated (0: off); protects weakly supported
-    # clean answers from the gate's feedback loop (docs/pcr.md)
-    label_gate_top_k: int = 5
 
 
 @register("pcr", config=PcrConfig)

@@ -88,3 +88,24 @@ def test_a_plugin_that_takes_a_name_already_registered_is_refused_naming_both(pl
     load_config(None, ["plugins=[scaled_objective]", "objective.name=scaled"])
     with pytest.raises(ConfigError, match="scaled_again registers the objective 'scaled', which scaled_objective"):
         load_config(None, ["plugins=[scaled_again]", "objective.name=scaled"])
+
+
+def test_a_builtins_settings_are_read_without_importing_it_and_must_be_the_class_it_registers():
+    from defend.objectives.settings import AblConfig, PcrConfig
+    from defend.registry import Registry
+
+    done = subprocess.run([sys.executable, "-c", "import sys; from defend.objectives import OBJECTIVES;"
+                           " c = OBJECTIVES.config('pcr'); print(c.__name__, 'torch' in sys.modules,"
+                           " 'defend.objectives.pcr' in sys.modules)"], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["PcrConfig", "False", "False"]
+    registry = Registry("objective", "objective", {"x": __name__}, settings={"x": "defend.objectives.settings:PcrConfig"})
+    assert registry.config("x") is PcrConfig
+
+    class Impl:  # registered from this module, as the table says
+        pass
+
+    with pytest.raises(ConfigError, match=r"registers the objective 'x' with settings AblConfig, but its registry's"
+                                          r" table names defend.objectives.settings:PcrConfig"):
+        registry.register("x", config=AblConfig)(Impl)
+    registry.register("x", config=PcrConfig)(Impl)
+    assert registry.config("x") is PcrConfig
